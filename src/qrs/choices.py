@@ -1,0 +1,16 @@
+"""The closed sets of option values, shared by the library and the CLI (and light to import)."""
+
+from typing import Literal, get_args
+
+Format = Literal["ksdd2", "sodf", "folder"]
+Split = Literal["train", "val", "test"]
+ResizeMode = Literal["stretch", "pad"]
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+Pretrained = Literal["imagenet", "none"]
+Augment = Literal["none", "flip", "standard"]
+ClassWeights = Literal["auto", "none"]
+
+FORMATS: tuple[str, ...] = get_args(Format)
+SPLITS: tuple[str, ...] = get_args(Split)
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+ARCHS: tuple[str, ...] = get_args(Arch)

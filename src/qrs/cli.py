@@ -1,0 +1,171 @@
+"""The ``qrs`` command line: a thin typer layer over the library (no logic lives here).
+
+Every option shows its default in ``--help``. Options of the paper's README keep their underscored
+spellings (``--data_root``) beside the dashed ones (``--data-root``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qrs.choices import Arch, Augment, ClassWeights, Format, Pretrained, ResizeMode, Split
+from qrs.errors import QrsError
+
+app = typer.Typer(
+    name="qrs",
+    help="Explainable visual inspection: a ResNet pass/fail classifier, Grad-CAM++ maps and a "
+    "Quality Risk Score (QRS) per part.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Directory to write the raw synthetic dataset into.")],
+    layout: Annotated[Format, typer.Option(help="Raw layout to write.")] = "ksdd2",
+    n_train: Annotated[int, typer.Option(help="Number of training images (all images for folder).")] = 200,
+    n_test: Annotated[int, typer.Option(help="Number of test images.")] = 100,
+    defect_rate: Annotated[float, typer.Option(help="Share of defective parts in each split.")] = 0.2,
+    size: Annotated[str, typer.Option(help="Image size WIDTHxHEIGHT in pixels (KSDD2 is about 230x630).")] = "230x630",
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same bytes.")] = 0,
+) -> None:
+    """Write synthetic inspection images in a raw dataset layout (the demo's and the tests' data).
+
+    Textured parts with scratches, spots, cracks and dents, and their exact masks.
+    """
+    from qrs.data.synth import parse_size, synthesize
+
+    try:
+        summary = synthesize(out, layout, n_train=n_train, n_test=n_test, defect_rate=defect_rate,
+                             size=parse_size(size), seed=seed)
+    except ValueError as exc:
+        raise QrsError(str(exc)) from exc
+    typer.echo(f"wrote {layout} dataset to {out}: {summary['counts']}")
+
+
+@app.command()
+def prepare(
+    src: Annotated[Path, typer.Option(help="Root directory of the raw dataset.")],
+    out: Annotated[Path, typer.Option(help="Directory of the prepared dataset to create.")],
+    format: Annotated[Format, typer.Option("--format", help="Raw layout.")] = "ksdd2",
+    img_size: Annotated[int, typer.Option(help="Side of the square prepared images, in pixels.")] = 224,
+    resize: Annotated[ResizeMode, typer.Option(help="stretch (the paper's) or pad (keep the aspect ratio, letterbox).")] = "stretch",
+    roi: Annotated[str, typer.Option(help="Region of interest: full (whole image), auto (Otsu: the part against "
+                                          "its background) or a JSON FILE of relative boxes/polygons per image id.")] = "full",
+    val_fraction: Annotated[float, typer.Option(help="Share of the training images held out for validation "
+                                                      "(stratified, seeded).")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(help="Share held out for testing, for layouts without a test split.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    num_workers: Annotated[int, typer.Option(help="Worker processes decoding and resizing images.")] = 1,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad file (exit code 2) instead of skipping it.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    good: Annotated[Optional[list[str]], typer.Option(help="folder: directory of good images, relative to --src "
+                                                         "(repeatable). [default: good]")] = None,
+    defect: Annotated[Optional[list[str]], typer.Option(help="folder: directory of defective images, relative to "
+                                                           "--src (repeatable; subfolders name the defect type). "
+                                                           "[default: defect]")] = None,
+    masks: Annotated[Optional[str], typer.Option(help="folder: directory of masks relative to --src, matched by "
+                                                      "file stem. [default: masks, when it exists]")] = None,
+    mask_suffix: Annotated[str, typer.Option(help="folder: suffix of a mask's stem after the image's stem, e.g. _mask.")] = "",
+    boxes: Annotated[Optional[Path], typer.Option(help="folder: CSV of defect boxes in pixels: "
+                                                       "image,x0,y0,x1,y1[,defect_type], image relative to --src.")] = None,
+    split_file: Annotated[Optional[Path], typer.Option(help="CSV of 'id or source path, split' (train/val/test).")] = None,
+) -> None:
+    """Prepare a raw dataset (KSDD2, Sensum SODF or your own folders) for training.
+
+    Writes square RGB images, masks, relative ROI/defect coordinates, an index with stratified
+    splits, and metadata.
+    """
+    from qrs.data.prepare import prepare as run_prepare
+
+    ds = run_prepare(
+        format, src, out, img_size=img_size, resize=resize, roi=roi, val_fraction=val_fraction,
+        test_fraction=test_fraction, seed=seed, num_workers=num_workers, strict=strict, overwrite=overwrite,
+        good=good or ["good"], defect=defect or ["defect"], masks=masks, mask_suffix=mask_suffix,
+        boxes=boxes, split_file=split_file,
+    )
+    typer.echo(ds.summary())
+
+
+@app.command()
+def train(
+    data_root: Annotated[Path, typer.Option("--data_root", "--data-root", help="Prepared dataset (from `qrs prepare`).")],
+    num_epochs: Annotated[int, typer.Option("--num_epochs", "--num-epochs", help="Maximum number of epochs.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size",
+                                            help="Batch size per process (under torchrun the effective batch is "
+                                                 "batch_size x number of processes).")] = 64,
+    learning_rate: Annotated[float, typer.Option("--learning_rate", "--learning-rate", "--lr",
+                                                 help="Adam learning rate (used as given, whatever the number "
+                                                      "of processes).")] = 1e-4,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a lower validation loss.")] = 10,
+    best_loss_path: Annotated[Optional[Path], typer.Option("--best_loss_path", "--best-loss-path",
+                                                           help="Checkpoint of the lowest validation loss. "
+                                                                "[default: OUT/best_loss.pt]")] = None,
+    best_acc_path: Annotated[Optional[Path], typer.Option("--best_acc_path", "--best-acc-path",
+                                                          help="Checkpoint of the highest validation accuracy. "
+                                                               "[default: OUT/best_acc.pt]")] = None,
+    arch: Annotated[Arch, typer.Option(help="torchvision ResNet (the paper uses resnet50).")] = "resnet50",
+    pretrained: Annotated[Pretrained, typer.Option(help="Start from ImageNet weights (downloaded) or from scratch.")] = "none",
+    weights: Annotated[Optional[Path], typer.Option(help="Start from a torchvision-format state dict file.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: same seed and data give the same checkpoint on CPU.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader worker processes.")] = 0,
+    amp: Annotated[bool, typer.Option(help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")] = False,
+    class_weights: Annotated[ClassWeights, typer.Option(help="auto: weight the loss by inverse class frequency.")] = "auto",
+    augment: Annotated[Augment, typer.Option(help="none, flip (h/v flips) or standard (flips, 90-degree turns, "
+                                                  "brightness/contrast).")] = "flip",
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
+                                                     "[default: runs/ beside the data]")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
+) -> None:
+    """Train the ResNet pass/fail classifier; keep the best-loss and best-accuracy checkpoints."""
+    from qrs.train import TrainConfig, train as run_train
+
+    result = run_train(TrainConfig(
+        data_root=data_root, out=out, arch=arch, pretrained=pretrained, weights=weights, num_epochs=num_epochs,
+        batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, patience=patience, seed=seed,
+        device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
+        best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,
+    ))
+    if result.history:
+        last = result.history[-1]
+        typer.echo(f"trained {len(result.history)} epochs{' (early stop)' if result.stopped_early else ''}; "
+                   f"last val loss {last['val_loss']:.4f}, acc {last['val_acc']:.4f}; checkpoints: "
+                   f"{result.best_loss_path}, {result.best_acc_path}, {result.last_path}")
+
+
+@app.command()
+def evaluate(
+    data_root: Annotated[Path, typer.Option("--data_root", "--data-root", help="Prepared dataset.")],
+    model: Annotated[list[Path], typer.Option(help="Checkpoint to evaluate (repeatable).")],
+    split: Annotated[Split, typer.Option(help="Split to evaluate on.")] = "test",
+    out: Annotated[Optional[Path], typer.Option(help="metrics.json to write (predictions.csv goes beside it).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
+) -> None:
+    """F1 (the paper's table), precision, recall, accuracy, AP, AUROC and confusion per checkpoint."""
+    from qrs.evaluate import evaluate as run_evaluate, format_table
+
+    results = run_evaluate(data_root, list(model), split=split, out=out, batch_size=batch_size, device=device,
+                           num_workers=num_workers)
+    typer.echo(format_table(results))
+    if out:
+        typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit with status 2."""
+    try:
+        app()
+    except QrsError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)

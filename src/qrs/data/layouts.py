@@ -1,0 +1,233 @@
+"""Readers of the raw dataset layouts (QRS_SPEC section 6): each lists the records to prepare.
+
+A reader only walks the file tree and tables; images are decoded later, in ``prepare``. Problems
+that concern a single file (a missing mask) become skipped records with a reason; problems with
+the whole source (wrong layout, nothing found) raise :class:`LayoutError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qrs.choices import FORMATS, SPLITS
+from qrs.errors import QrsError
+from qrs.images import is_image_file
+
+
+class LayoutError(QrsError, ValueError):
+    """The source directory does not hold the expected layout; the message says what was expected."""
+
+
+@dataclass
+class Record:
+    """One raw image to prepare. Paths are absolute; ``source`` is relative to the dataset root."""
+
+    id: str
+    source: str
+    image: Path
+    label: int | None = None
+    """0/1 when known from the layout (folders); None when it comes from the mask (KSDD2)."""
+    split: str | None = None
+    mask: Path | None = None
+    mask_required: bool = False
+    boxes: list[list[float]] | None = None
+    """Defect boxes in pixels of the original image, when given by a table instead of a mask."""
+    defect_type: str = ""
+
+
+@dataclass
+class Listing:
+    """What a reader found: the records to prepare and the files skipped with their reasons."""
+
+    records: list[Record] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def read_ksdd2(root: Path) -> Listing:
+    """KSDD2: ``ROOT/{train,test}/<id>.png`` with ``<id>_GT.png`` masks; the mask gives the label."""
+    listing = Listing()
+    splits = [s for s in ("train", "test") if (root / s).is_dir()]
+    if not splits:
+        raise LayoutError(
+            f"{root} is not a KSDD2 dataset: expected ROOT/train/<id>.png with <id>_GT.png masks "
+            "(and the same under ROOT/test/)"
+        )
+    for split in splits:
+        for path in sorted((root / split).iterdir()):
+            if not path.is_file() or path.stem.endswith("_GT"):
+                continue
+            if not is_image_file(path):
+                listing.skipped.append((_relative(path, root), "not an image file extension"))
+                continue
+            listing.records.append(
+                Record(
+                    id=path.stem,
+                    source=_relative(path, root),
+                    image=path,
+                    split=split,
+                    mask=path.with_name(f"{path.stem}_GT.png"),
+                    mask_required=True,
+                )
+            )
+    ids = [r.id for r in listing.records]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise LayoutError(f"KSDD2 ids must be unique across train and test; repeated: {duplicates[:5]}")
+    return listing
+
+
+def read_sodf(root: Path) -> Listing:
+    """Sensum SODF: ``ROOT/<category>/{negative,positive}/data/<NNN>.png``, masks under annotation/."""
+    listing = Listing()
+    categories = sorted(
+        d for d in root.iterdir() if d.is_dir() and ((d / "negative").is_dir() or (d / "positive").is_dir())
+    ) if root.is_dir() else []
+    if not categories:
+        raise LayoutError(
+            f"{root} is not a Sensum SODF dataset: expected ROOT/<category>/{{negative,positive}}/data/<NNN>.png "
+            "(categories such as capsule and softgel)"
+        )
+    for cat in categories:
+        for cls, label in (("negative", 0), ("positive", 1)):
+            data = cat / cls / "data"
+            if not data.is_dir():
+                continue
+            for path in sorted(data.iterdir()):
+                if not path.is_file():
+                    continue
+                if not is_image_file(path):
+                    listing.skipped.append((_relative(path, root), "not an image file extension"))
+                    continue
+                mask = cat / cls / "annotation" / path.name if label == 1 else None
+                listing.records.append(
+                    Record(
+                        id=f"{cat.name}_{cls}_{path.stem}",
+                        source=_relative(path, root),
+                        image=path,
+                        label=label,
+                        mask=mask if mask is not None and mask.is_file() else None,
+                        defect_type=cat.name,
+                    )
+                )
+    return listing
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def _find_masks(mask_dir: Path, suffix: str) -> dict[str, Path]:
+    masks: dict[str, Path] = {}
+    for path in sorted(p for p in mask_dir.rglob("*") if p.is_file() and is_image_file(p)):
+        stem = path.stem
+        if suffix and stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+        masks.setdefault(stem, path)
+    return masks
+
+
+def _read_boxes(csv_path: Path, root: Path) -> dict[str, list[tuple[list[float], str]]]:
+    boxes: dict[str, list[tuple[list[float], str]]] = {}
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"image", "x0", "y0", "x1", "y1"} - set(reader.fieldnames or [])
+        if missing:
+            raise LayoutError(
+                f"{csv_path}: boxes CSV needs the columns image,x0,y0,x1,y1[,defect_type]; missing {sorted(missing)}"
+            )
+        for row in reader:
+            try:
+                box = [float(row[k]) for k in ("x0", "y0", "x1", "y1")]
+            except ValueError as exc:
+                raise LayoutError(f"{csv_path}: bad number in row {row}: {exc}") from exc
+            boxes.setdefault(Path(row["image"]).as_posix(), []).append((box, (row.get("defect_type") or "").strip()))
+    return boxes
+
+
+def _read_split_file(csv_path: Path) -> dict[str, str]:
+    with open(csv_path, newline="") as fh:
+        reader = csv.reader(fh)
+        rows = [r for r in reader if r]
+    if rows and rows[0][-1].strip().lower() == "split":
+        rows = rows[1:]
+    splits = {}
+    for row in rows:
+        if len(row) < 2 or row[1].strip() not in SPLITS:
+            raise LayoutError(f"{csv_path}: each row must be 'id or source path, split' with split in {SPLITS}; got {row}")
+        splits[row[0].strip()] = row[1].strip()
+    return splits
+
+
+def read_folder(
+    root: Path,
+    *,
+    good: Sequence[str] = ("good",),
+    defect: Sequence[str] = ("defect",),
+    masks: str | None = None,
+    mask_suffix: str = "",
+    boxes_csv: Path | None = None,
+    split_file: Path | None = None,
+) -> Listing:
+    """A user's own folders: good and defective image directories, optional masks/boxes/splits.
+
+    Subfolders of a defect directory name the defect type. A mask is matched by the image's file stem
+    (plus ``mask_suffix``) anywhere under the mask directory; mask files are never taken as images.
+    """
+    listing = Listing()
+    dirs = [(d, 0) for d in good] + [(d, 1) for d in defect]
+    missing = [d for d, _ in dirs if not (root / d).is_dir()]
+    if missing:
+        raise LayoutError(
+            f"{root} is not a folder dataset: missing {', '.join(missing)}; expected a directory of good images "
+            f"(--good, default 'good') and one of defective images (--defect, default 'defect') under --src"
+        )
+    mask_root = root / masks if masks else (root / "masks" if (root / "masks").is_dir() else None)
+    if masks and not (mask_root and mask_root.is_dir()):
+        raise LayoutError(f"mask directory {mask_root} does not exist")
+    mask_map = _find_masks(mask_root, mask_suffix) if mask_root else {}
+    mask_files = set(mask_map.values())
+    box_map = _read_boxes(boxes_csv, root) if boxes_csv else {}
+    split_map = _read_split_file(split_file) if split_file else {}
+    for d, label in dirs:
+        base = root / d
+        for path in sorted(p for p in base.rglob("*") if p.is_file()):
+            if path in mask_files or (mask_root and mask_root in path.parents):
+                continue
+            if mask_suffix and path.stem.endswith(mask_suffix):
+                continue
+            source = _relative(path, root)
+            if not is_image_file(path):
+                listing.skipped.append((source, "not an image file extension"))
+                continue
+            rid = _slug(str(Path(source).with_suffix("")))
+            sub = path.relative_to(base).parts
+            rec = Record(
+                id=rid,
+                source=source,
+                image=path,
+                label=label,
+                mask=mask_map.get(path.stem),
+                defect_type=sub[0] if label == 1 and len(sub) > 1 else "",
+            )
+            if source in box_map:
+                rec.boxes = [b for b, _ in box_map[source]]
+                types = sorted({t for _, t in box_map[source] if t})
+                rec.defect_type = rec.defect_type or ",".join(types)
+            if split_map:
+                rec.split = split_map.get(rid, split_map.get(source))
+                if rec.split is None:
+                    listing.skipped.append((source, "not listed in the split file"))
+                    continue
+            listing.records.append(rec)
+    unknown = set(box_map) - {r.source for r in listing.records} - {s for s, _ in listing.skipped}
+    if unknown:
+        raise LayoutError(f"{boxes_csv}: boxes for images that are not in the dataset: {sorted(unknown)[:5]}")
+    return listing

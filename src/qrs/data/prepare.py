@@ -1,0 +1,346 @@
+"""``qrs prepare``: a raw dataset -> a prepared dataset (QRS_SPEC section 7).
+
+Every image becomes an ``img_size`` square RGB PNG, every mask a nearest-neighbour resized 0/255 PNG,
+and every region (ROI, defects) is kept in coordinates relative to the original image. The output is
+built in a temporary directory beside the target and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from qrs import __version__
+from qrs.atomic import atomic_dir
+from qrs.choices import FORMATS, RESIZE_MODES, SPLITS
+from qrs.errors import QrsError
+from qrs.data.layouts import LayoutError, Listing, Record, read_folder, read_ksdd2, read_sodf
+from qrs.data.regions import auto_roi, mask_to_boxes, pad_geometry, pixel_box_to_relative, validate_region
+from qrs.images import ImageError, read_mask, read_rgb
+
+INDEX_COLUMNS = (
+    "id", "split", "label", "source", "image", "mask", "orig_width", "orig_height", "defect_type", "roi", "defects",
+)
+FULL_ROI = [[0.0, 0.0, 1.0, 1.0]]
+PNG_COMPRESS_LEVEL = 1
+"""Fast PNG compression: the prepared images are small and read once into a cache."""
+
+
+class PrepareError(QrsError):
+    """A problem that stops ``prepare``; the message says what was found and what was expected."""
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Per-image settings shared with the worker processes."""
+
+    img_size: int
+    resize: str
+    roi: str
+    roi_regions: dict[str, list] | None
+    staging: Path
+
+
+def resize_image(rgb: np.ndarray, side: int, mode: str, *, nearest: bool = False) -> np.ndarray:
+    """Resize an HxWxC (or HxW) uint8 array to ``side`` x ``side`` by ``stretch`` or ``pad`` (letterbox)."""
+    img = Image.fromarray(rgb)
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    if mode == "stretch":
+        return np.asarray(img.resize((side, side), resample))
+    width, height = img.size
+    scale, off_x, off_y = pad_geometry(width, height, side)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    canvas = Image.new(img.mode, (side, side), 0)
+    canvas.paste(img.resize((new_w, new_h), resample), (round(off_x), round(off_y)))
+    return np.asarray(canvas)
+
+
+def resize_transform(mode: str, side: int) -> str:
+    """Human-readable description of the resize, recorded in meta.json."""
+    if mode == "stretch":
+        return f"stretch: each image resized to {side}x{side} (bilinear); relative coordinates unchanged"
+    return (
+        f"pad: scale s = {side} / max(W, H), image resized to (W*s, H*s) and centred on a black {side}x{side} "
+        f"square; x' = (x*W*s + ({side} - W*s)/2) / {side}, y' likewise"
+    )
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    path.write_bytes(buf.getvalue())
+
+
+def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
+    """Decode, check, resize and stage one image; returns its row or ``{"skip": reason}``."""
+    if rec.mask_required and (rec.mask is None or not rec.mask.is_file()):
+        return {"skip": f"missing mask {rec.mask.name if rec.mask else ''}".strip()}
+    try:
+        rgb = read_rgb(rec.image)
+    except ImageError as exc:
+        return {"skip": str(exc)}
+    height, width = rgb.shape[:2]
+    mask = None
+    if rec.mask is not None:
+        try:
+            mask = read_mask(rec.mask)
+        except ImageError as exc:
+            return {"skip": f"mask {rec.mask.name}: {exc}"}
+        if mask.shape != (height, width):
+            return {"skip": f"mask {rec.mask.name} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}"}
+    label = rec.label if rec.label is not None else int(bool(mask is not None and mask.any()))
+    if rec.boxes is not None:
+        defects = [pixel_box_to_relative(b, width, height) for b in rec.boxes]
+    elif mask is not None:
+        defects = mask_to_boxes(mask)
+    else:
+        defects = []
+    if opts.roi == "auto":
+        roi = auto_roi(rgb)
+    elif opts.roi_regions is not None:
+        roi = opts.roi_regions.get(rec.id, FULL_ROI)
+    else:
+        roi = FULL_ROI
+    _save_png(resize_image(rgb, opts.img_size, opts.resize), opts.staging / f"{rec.id}.png")
+    if mask is not None:
+        small = resize_image(mask.astype(np.uint8) * 255, opts.img_size, opts.resize, nearest=True)
+        _save_png(small, opts.staging / f"{rec.id}_mask.png")
+    return {
+        "id": rec.id,
+        "label": label,
+        "source": rec.source,
+        "has_mask": mask is not None,
+        "orig_width": width,
+        "orig_height": height,
+        "defect_type": rec.defect_type,
+        "roi": roi,
+        "defects": defects,
+        "split": rec.split,
+    }
+
+
+def _worker(args: tuple[Record, PrepareOptions]) -> tuple[Record, dict[str, Any]]:
+    return args[0], process_record(*args)
+
+
+def _stratified(ids: list[str], labels: list[int], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split ``ids`` into (rest, held-out) with ``fraction`` held out, stratified by label when possible."""
+    if fraction <= 0 or len(ids) < 2:
+        return ids, []
+    counts = Counter(labels)
+    stratify = labels if min(counts.values()) >= 2 and len(counts) > 1 else None
+    try:
+        rest, held = train_test_split(ids, test_size=fraction, stratify=stratify, random_state=seed)
+    except ValueError:
+        rest, held = train_test_split(ids, test_size=fraction, stratify=None, random_state=seed)
+    return sorted(rest), sorted(held)
+
+
+def assign_splits(rows: list[dict[str, Any]], val_fraction: float, test_fraction: float, seed: int) -> None:
+    """Fill ``split`` in place: keep given splits, carve test (when none is given) and val from train."""
+    if all(r["split"] is None for r in rows):
+        ids = [r["id"] for r in rows]
+        labels = [r["label"] for r in rows]
+        train_ids, test_ids = _stratified(ids, labels, test_fraction, seed)
+        for r in rows:
+            r["split"] = "test" if r["id"] in set(test_ids) else "train"
+    if not any(r["split"] == "val" for r in rows):
+        train = [r for r in rows if r["split"] == "train"]
+        n = len(train)
+        frac = val_fraction if n == 0 else min(val_fraction, (n - 1) / n)
+        _, val_ids = _stratified([r["id"] for r in train], [r["label"] for r in train], frac, seed)
+        val_set = set(val_ids)
+        for r in train:
+            if r["id"] in val_set:
+                r["split"] = "val"
+
+
+def _load_roi_file(path: Path) -> dict[str, list]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PrepareError(f"cannot read ROI file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not data:
+        raise PrepareError(f"ROI file {path} must be a non-empty JSON object: image id -> list of boxes or polygons")
+    try:
+        return {str(k): [validate_region(r) for r in (v if isinstance(v, list) else [v])] for k, v in data.items()}
+    except ValueError as exc:
+        raise PrepareError(f"ROI file {path}: {exc}") from exc
+
+
+def list_records(fmt: str, src: Path, **folder_options: Any) -> Listing:
+    """Run the reader for ``fmt`` on ``src``."""
+    if fmt == "ksdd2":
+        return read_ksdd2(src)
+    if fmt == "sodf":
+        return read_sodf(src)
+    if fmt == "folder":
+        return read_folder(src, **folder_options)
+    raise PrepareError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def prepare(
+    fmt: str,
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    img_size: int = 224,
+    resize: str = "stretch",
+    roi: str = "full",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    num_workers: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    good: Sequence[str] = ("good",),
+    defect: Sequence[str] = ("defect",),
+    masks: str | None = None,
+    mask_suffix: str = "",
+    boxes: str | os.PathLike[str] | None = None,
+    split_file: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> "PreparedDataset":
+    """Prepare the raw dataset at ``src`` (layout ``fmt``) into ``out`` and return it."""
+    from qrs.data.dataset import PreparedDataset
+
+    src, out = Path(src), Path(out)
+    if resize not in RESIZE_MODES:
+        raise PrepareError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+    if img_size < 16:
+        raise PrepareError(f"--img-size must be at least 16, got {img_size}")
+    for name, value in (("val", val_fraction), ("test", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise PrepareError(f"--{name}-fraction must be in [0, 1), got {value}")
+    if not src.is_dir():
+        raise PrepareError(f"source directory {src} does not exist")
+    if out.exists() and not overwrite:
+        raise PrepareError(f"{out} already exists; use --overwrite to replace it")
+    roi_regions = None
+    if roi not in ("full", "auto"):
+        roi_regions = _load_roi_file(Path(roi))
+    try:
+        listing = list_records(
+            fmt, src, good=good, defect=defect, masks=masks, mask_suffix=mask_suffix,
+            boxes_csv=Path(boxes) if boxes else None, split_file=Path(split_file) if split_file else None,
+        ) if fmt == "folder" else list_records(fmt, src)
+    except LayoutError as exc:
+        raise PrepareError(str(exc)) from exc
+    if strict and listing.skipped:
+        source, reason = listing.skipped[0]
+        raise PrepareError(f"{source}: {reason}")
+    if not listing.records:
+        raise PrepareError(f"no images found in {src} for format {fmt!r}")
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        staging = tmp / "_staging"
+        staging.mkdir()
+        opts = PrepareOptions(img_size, resize, "auto" if roi == "auto" else "file" if roi_regions else "full",
+                              roi_regions, staging)
+        rows, skipped = _run(listing.records, opts, num_workers, strict, progress)
+        skipped = listing.skipped + skipped
+        counts = Counter(r["label"] for r in rows)
+        if len(counts) < 2:
+            raise PrepareError(
+                f"only one class found ({counts.get(0, 0)} good, {counts.get(1, 0)} defective, {len(skipped)} skipped): "
+                "training needs both good and defective parts"
+            )
+        assign_splits(rows, val_fraction, test_fraction, seed)
+        _write_outputs(tmp, rows, skipped, fmt=fmt, src=src, img_size=img_size, resize=resize, roi=roi, seed=seed,
+                       val_fraction=val_fraction, test_fraction=test_fraction)
+        shutil.rmtree(staging)
+    return PreparedDataset(out)
+
+
+def _run(records: list[Record], opts: PrepareOptions, num_workers: int, strict: bool,
+         progress: bool) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    bar = tqdm(total=len(records), desc="prepare", unit="img", disable=not progress)
+    pool = multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 1 else None
+    try:
+        jobs = [(r, opts) for r in records]
+        results = pool.imap(_worker, jobs, chunksize=8) if pool else map(_worker, jobs)
+        for rec, result in results:
+            bar.update()
+            if "skip" in result:
+                if strict:
+                    raise PrepareError(f"{rec.source}: {result['skip']}")
+                skipped.append((rec.source, result["skip"]))
+            else:
+                rows.append(result)
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    return rows, skipped
+
+
+def _write_outputs(tmp: Path, rows: list[dict[str, Any]], skipped: list[tuple[str, str]], **meta: Any) -> None:
+    rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["id"]))
+    staging = tmp / "_staging"
+    index_rows = []
+    for r in rows:
+        image = f"images/{r['split']}/{r['id']}.png"
+        mask = f"masks/{r['split']}/{r['id']}.png" if r["has_mask"] else ""
+        (tmp / image).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / f"{r['id']}.png", tmp / image)
+        if mask:
+            (tmp / mask).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / f"{r['id']}_mask.png", tmp / mask)
+        index_rows.append({
+            "id": r["id"], "split": r["split"], "label": r["label"], "source": r["source"], "image": image,
+            "mask": mask, "orig_width": r["orig_width"], "orig_height": r["orig_height"],
+            "defect_type": r["defect_type"], "roi": json.dumps(r["roi"]), "defects": json.dumps(r["defects"]),
+        })
+    with open(tmp / "index.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
+        writer.writeheader()
+        writer.writerows(index_rows)
+    coords = {r["id"]: {"roi": r["roi"], "defects": r["defects"]} for r in rows}
+    (tmp / "coords.json").write_text(json.dumps(coords))
+    with open(tmp / "coords.pkl", "wb") as fh:
+        pickle.dump(coords, fh)
+    if skipped:
+        with open(tmp / "skipped.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["file", "reason"])
+            writer.writerows(skipped)
+    counts: dict[str, dict[str, int]] = {s: {"good": 0, "defective": 0} for s in SPLITS}
+    for r in rows:
+        counts[r["split"]]["defective" if r["label"] else "good"] += 1
+    sizes = Counter(f"{r['orig_width']}x{r['orig_height']}" for r in rows)
+    meta_obj = {
+        "format": meta["fmt"],
+        "source": str(Path(meta["src"]).resolve()),
+        "counts": counts,
+        "n_images": len(rows),
+        "n_skipped": len(skipped),
+        "img_size": meta["img_size"],
+        "orig_sizes": dict(sizes.most_common(20)),
+        "resize": meta["resize"],
+        "resize_transform": resize_transform(meta["resize"], meta["img_size"]),
+        "roi": meta["roi"],
+        "val_fraction": meta["val_fraction"],
+        "test_fraction": meta["test_fraction"],
+        "seed": meta["seed"],
+        "dataset_hash": hashlib.sha256((tmp / "index.csv").read_bytes()).hexdigest()[:16],
+        "qrs_version": __version__,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta_obj, indent=2) + "\n")

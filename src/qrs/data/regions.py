@@ -1,0 +1,146 @@
+"""Regions in relative coordinates: masks <-> boxes, the resize transforms, and rasterisation.
+
+A region is either a box ``[x0, y0, x1, y1]`` or a polygon ``[[x, y], [x, y], ...]`` (at least three
+points), in coordinates relative to the *original* image: x / width and y / height, so 0 is the left
+or top edge and 1 the right or bottom edge. Boxes use pixel edges: a mask pixel at column c spans
+``[c, c + 1)``, so a component covering columns 3..5 has x0 = 3 / W and x1 = 6 / W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.path import Path as MplPath
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+from skimage.filters import threshold_otsu
+
+from qrs.choices import RESIZE_MODES, ResizeMode
+
+Region = list  # a box [x0, y0, x1, y1] or a polygon [[x, y], ...]
+
+
+
+def is_box(region: Sequence) -> bool:
+    """True for a box ``[x0, y0, x1, y1]``, False for a polygon ``[[x, y], ...]``."""
+    return len(region) == 4 and all(isinstance(v, (int, float)) for v in region)
+
+
+def validate_region(region: object) -> Region:
+    """Return ``region`` as a list of floats, or raise ValueError saying what is wrong with it."""
+    if not isinstance(region, (list, tuple)):
+        raise ValueError(f"a region must be a box [x0, y0, x1, y1] or a polygon [[x, y], ...], got {region!r}")
+    if is_box(region):
+        x0, y0, x1, y1 = (float(v) for v in region)
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"box {list(region)} has x0 >= x1 or y0 >= y1")
+        return [x0, y0, x1, y1]
+    if len(region) < 3 or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in region):
+        raise ValueError(f"a region must be a box [x0, y0, x1, y1] or a polygon [[x, y], ...], got {region!r}")
+    return [[float(x), float(y)] for x, y in region]
+
+
+def mask_to_boxes(mask: np.ndarray) -> list[list[float]]:
+    """Relative bounding boxes of the 8-connected components of a boolean HxW mask."""
+    h, w = mask.shape
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    boxes = []
+    for sl in ndimage.find_objects(labels):
+        if sl is None:
+            continue
+        ys, xs = sl
+        boxes.append([xs.start / w, ys.start / h, xs.stop / w, ys.stop / h])
+    return boxes
+
+
+def pixel_box_to_relative(box: Sequence[float], width: int, height: int) -> list[float]:
+    """Convert a box in pixel edges of a ``width`` x ``height`` image to relative coordinates."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    rel = [x0 / width, y0 / height, x1 / width, y1 / height]
+    return [min(max(v, 0.0), 1.0) for v in rel]
+
+
+def pad_geometry(width: int, height: int, side: int) -> tuple[float, float, float]:
+    """Scale and offsets (scale, off_x, off_y) of the ``pad`` resize into a ``side`` square."""
+    scale = side / max(width, height)
+    return scale, (side - width * scale) / 2.0, (side - height * scale) / 2.0
+
+
+def to_prepared(region: Region, orig_size: tuple[int, int], mode: ResizeMode, side: int) -> Region:
+    """Map a region relative to the original image into coordinates relative to the prepared square.
+
+    ``stretch`` leaves relative coordinates unchanged; ``pad`` shrinks them into the letterbox.
+    """
+    if mode == "stretch":
+        return region
+    if mode != "pad":
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
+    width, height = orig_size
+    scale, off_x, off_y = pad_geometry(width, height, side)
+
+    def point(x: float, y: float) -> list[float]:
+        return [(x * width * scale + off_x) / side, (y * height * scale + off_y) / side]
+
+    if is_box(region):
+        x0, y0, x1, y1 = region
+        return point(x0, y0) + point(x1, y1)
+    return [point(x, y) for x, y in region]
+
+
+def rasterize(regions: Sequence[Region], height: int, width: int) -> np.ndarray:
+    """Boolean HxW mask of the pixels whose centres lie inside any of the relative regions."""
+    out = np.zeros((height, width), dtype=bool)
+    cx = (np.arange(width) + 0.5) / width
+    cy = (np.arange(height) + 0.5) / height
+    polygons = []
+    for region in regions:
+        if is_box(region):
+            x0, y0, x1, y1 = region
+            cols = (cx >= x0) & (cx < x1)
+            rows = (cy >= y0) & (cy < y1)
+            out |= rows[:, None] & cols[None, :]
+        else:
+            polygons.append(region)
+    if polygons:
+        centres = np.stack(np.meshgrid(cx, cy), axis=-1).reshape(-1, 2)
+        for poly in polygons:
+            inside = MplPath(np.asarray(poly, dtype=float)).contains_points(centres)
+            out |= inside.reshape(height, width)
+    return out
+
+
+def auto_roi(rgb: np.ndarray) -> list[Region]:
+    """The part as a relative polygon: the convex hull of the largest foreground component after
+    Otsu thresholding.
+
+    Foreground is the side of the Otsu threshold that touches the image border least, so both a
+    bright part on a dark background and a dark part on a bright one are found. Components at least
+    a tenth the size of the largest are kept with it, so a part cut in two by a dark crack stays
+    whole. Falls back to the whole image when the image is flat.
+    """
+    gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if float(gray.max()) - float(gray.min()) < 1.0:
+        return [[0.0, 0.0, 1.0, 1.0]]
+    above = gray > threshold_otsu(gray)
+    border = np.concatenate([above[0], above[-1], above[:, 0], above[:, -1]])
+    fg = ~above if border.mean() > 0.5 else above
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return [[0.0, 0.0, 1.0, 1.0]]
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1
+    return [mask_to_hull(np.isin(labels, keep))]
+
+
+def mask_to_hull(mask: np.ndarray) -> Region:
+    """Relative convex-hull polygon around all pixels (as unit squares) of a non-empty mask."""
+    h, w = mask.shape
+    edge = mask & ~ndimage.binary_erosion(mask)
+    ys, xs = np.nonzero(edge)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
+    corners = np.unique(corners, axis=0)
+    if len(corners) < 3 or np.linalg.matrix_rank(corners - corners[0]) < 2:
+        return mask_to_boxes(mask)[0]
+    hull = ConvexHull(corners)
+    return [[float(x) / w, float(y) / h] for x, y in corners[hull.vertices]]

@@ -1,0 +1,173 @@
+"""The ResNet pass/fail classifier: building it, its input normalisation and its checkpoints.
+
+A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` reads:
+``{"format": "qrs-checkpoint", "state_dict": ..., "meta": {...}}`` plus, in ``last.pt``, the
+training state needed to resume. ``meta`` holds the arch, class names, image size, input
+normalisation, epoch, validation metrics, dataset hash, seed, qrs version and, after
+``qrs calibrate``, the QRS calibration.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+import torchvision
+from torch import nn
+
+from qrs import __version__
+from qrs.atomic import write_with
+from qrs.choices import ARCHS, Pretrained
+from qrs.errors import QrsError
+
+CLASS_NAMES = ("non-defective", "defective")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_FORMAT = "qrs-checkpoint"
+
+
+class CheckpointError(QrsError):
+    """A checkpoint file that is missing, corrupted, not a qrs checkpoint or of another architecture."""
+
+
+def build_model(arch: str = "resnet50", *, pretrained: str = "none", weights: str | os.PathLike[str] | None = None,
+                num_classes: int = 2) -> nn.Module:
+    """A torchvision ResNet with a ``num_classes`` head, from scratch, ImageNet weights or a state dict file.
+
+    With ``pretrained="imagenet"`` the torchvision weights are fetched the normal way (cached under
+    ``$TORCH_HOME``); when that fails (offline) the error names ``--pretrained none`` and ``--weights``.
+    """
+    if arch not in ARCHS:
+        raise QrsError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if pretrained not in get_args(Pretrained):
+        raise QrsError(f"unknown --pretrained {pretrained!r}; expected imagenet or none")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if pretrained == "imagenet":
+        try:
+            state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False)
+        except Exception as exc:
+            raise QrsError(
+                f"could not download the ImageNet weights of {arch} ({type(exc).__name__}: {exc}). "
+                "Offline, train from scratch with --pretrained none, or pass a torchvision-format state dict "
+                "with --weights FILE."
+            ) from exc
+        _load_backbone(model, state, f"ImageNet {arch}")
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+            raise QrsError(f"cannot read --weights {weights}: {exc}") from exc
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        _load_backbone(model, state, str(weights))
+    return model
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load all weights but a classifier head of another size (e.g. ImageNet's 1000 classes)."""
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if not (k.startswith("fc.") and own.get(k, v).shape != v.shape)}
+    result = model.load_state_dict(keep, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise QrsError(
+            f"{what} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is not available is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QrsError("--device cuda was asked for but CUDA is not available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise QrsError("--device mps was asked for but MPS is not available")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise QrsError(f"unknown device {device!r}; expected auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def normalize(images: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """uint8 (or 0..255 float) B x 3 x H x W images -> the float input the model was trained on."""
+    mean = torch.tensor(meta["normalization"]["mean"], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(meta["normalization"]["std"], device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def base_meta(arch: str, img_size: int, *, dataset_hash: str = "", seed: int | None = None) -> dict[str, Any]:
+    """Checkpoint metadata that does not change during training."""
+    return {
+        "arch": arch,
+        "class_names": list(CLASS_NAMES),
+        "img_size": int(img_size),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "dataset_hash": dataset_hash,
+        "seed": seed,
+        "qrs_version": __version__,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
+    """Write a checkpoint atomically (model weights on CPU, metadata, and any extra training state)."""
+    module = model.module if hasattr(model, "module") else model
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta, **extra}
+    write_with(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw checkpoint dict, checked to be a readable qrs checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupted or truncated?): {type(exc).__name__}"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "meta" not in payload:
+        raise CheckpointError(f"{path} is not a qrs checkpoint (it has no qrs metadata); train one with `qrs train`")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str] = "checkpoint",
+                          *, arch: str | None = None) -> nn.Module:
+    """Build the checkpoint's model and load its weights; an arch mismatch is a CheckpointError."""
+    meta = payload["meta"]
+    if arch is not None and arch != meta.get("arch"):
+        raise CheckpointError(f"{path} holds a {meta.get('arch')} model, not the {arch} that was asked for")
+    model = build_model(meta["arch"], num_classes=len(meta["class_names"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"{path}: the weights do not fit a {meta['arch']} model ({detail[:160]}...)"
+        ) from exc
+    model.qrs_meta = meta
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                    arch: str | None = None) -> nn.Module:
+    """A ready model in eval mode on ``device``, with its metadata as ``model.qrs_meta``."""
+    model = model_from_checkpoint(read_checkpoint(path), path, arch=arch)
+    return model.to(device)
+
+
+def update_checkpoint_meta(path: str | os.PathLike[str], **updates: Any) -> dict[str, Any]:
+    """Merge ``updates`` into a checkpoint's metadata, rewriting the file atomically."""
+    payload = read_checkpoint(path)
+    payload["meta"].update(updates)
+    write_with(path, lambda tmp: torch.save(payload, tmp))
+    return payload["meta"]

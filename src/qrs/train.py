@@ -1,0 +1,283 @@
+"""``qrs train``: the ResNet pass/fail classifier, read top to bottom like torchvision's reference.
+
+Keeps the checkpoint of lowest validation loss and the one of highest validation accuracy, stops
+early on validation loss, logs every epoch, and resumes from ``last.pt`` exactly (same weights as
+an uninterrupted run with the same seed, on CPU). Under torchrun it trains with
+DistributedDataParallel: ``batch_size`` is per process, so the effective batch is
+``batch_size * world_size`` and the learning rate is used as given.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from qrs.atomic import write_text
+from qrs.choices import Augment, ClassWeights
+from qrs.data.dataset import PreparedDataset
+from qrs.distributed import DistContext, all_gather_objects, all_reduce_sum, process_group, shard_indices
+from qrs.errors import QrsError
+from qrs.model import base_meta, build_model, normalize, read_checkpoint, save_checkpoint
+
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (all of it is recorded in ``last.pt``)."""
+
+    data_root: Path
+    out: Path | None = None
+    arch: str = "resnet50"
+    pretrained: str = "none"
+    weights: Path | None = None
+    num_epochs: int = 100
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    amp: bool = False
+    class_weights: ClassWeights = "auto"
+    augment: Augment = "flip"
+    best_loss_path: Path | None = None
+    best_acc_path: Path | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def paths(self) -> tuple[Path, Path, Path]:
+        """(best_loss, best_acc, last) checkpoint paths, defaulting into ``out``."""
+        out = self.out_dir()
+        return (Path(self.best_loss_path or out / "best_loss.pt"), Path(self.best_acc_path or out / "best_acc.pt"),
+                out / "last.pt")
+
+    def out_dir(self) -> Path:
+        """Run directory: ``--out``, else ``runs/`` beside the prepared dataset."""
+        return Path(self.out) if self.out else Path(self.data_root).resolve().parent / "runs"
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the validation loss has not improved for ``patience`` epochs."""
+
+    patience: int
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def step(self, val_loss: float) -> bool:
+        """Record one epoch's validation loss; True when training should stop."""
+        if val_loss < self.best:
+            self.best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class TrainResult:
+    """Where the checkpoints are and what each epoch measured."""
+
+    best_loss_path: Path
+    best_acc_path: Path
+    last_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random per-sample augmentation of a uint8 B x 3 x S x S batch (flips; ``standard`` adds
+    90-degree turns and +-15% brightness/contrast), drawn from ``generator`` for reproducibility."""
+    if mode == "none":
+        return images
+    b = images.shape[0]
+    draws = torch.rand(b, 5, generator=generator)
+    out = torch.where((draws[:, 0] < 0.5).view(b, 1, 1, 1), images.flip(-1), images)
+    out = torch.where((draws[:, 1] < 0.5).view(b, 1, 1, 1), out.flip(-2), out)
+    if mode == "standard":
+        out = torch.where((draws[:, 2] < 0.5).view(b, 1, 1, 1), out.transpose(-1, -2), out)
+        x = out.float()
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = (0.85 + 0.3 * draws[:, 3]).view(b, 1, 1, 1)
+        brightness = (0.85 + 0.3 * draws[:, 4]).view(b, 1, 1, 1)
+        out = ((x - mean) * contrast + mean * brightness).clamp(0, 255).round().to(torch.uint8)
+    return out
+
+
+def class_weight_tensor(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """Inverse-frequency weights n / (2 n_c) for ``auto``; None for ``none``."""
+    if mode == "none":
+        return None
+    counts = torch.bincount(labels, minlength=2).float()
+    if (counts == 0).any():
+        raise QrsError(f"the training split needs both classes; found {counts.tolist()} (good, defective)")
+    return counts.sum() / (2 * counts)
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, meta: dict[str, Any], cfg: TrainConfig, ctx: DistContext,
+                    generator: torch.Generator, epoch: int,
+                    on_batch: Callable[[int, int], None] | None) -> float:
+    """One pass over the training split; returns the mean training loss over all ranks."""
+    model.train()
+    totals = torch.zeros(2, dtype=torch.float64)
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not (cfg.progress and ctx.is_main))
+    for i, batch in enumerate(bar):
+        if on_batch is not None:
+            on_batch(epoch, i)
+        images = augment_batch(batch["image"], cfg.augment, generator).to(ctx.device, non_blocking=True)
+        labels = batch["label"].to(ctx.device, non_blocking=True)
+        with _autocast(ctx.device, cfg.amp):
+            loss = criterion(model(normalize(images, meta)), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        totals += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    totals = all_reduce_sum(totals, ctx)
+    return float(totals[0] / totals[1])
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, meta: dict[str, Any],
+             ctx: DistContext) -> dict[str, float]:
+    """Validation loss, accuracy and F1 (defective = positive), reduced over all ranks."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)
+    for batch in loader:
+        images = batch["image"].to(ctx.device)
+        labels = batch["label"].to(ctx.device)
+        logits = model(normalize(images, meta)).float()
+        pred = logits.argmax(1)
+        sums += torch.tensor([
+            criterion(logits, labels).item() * len(labels), len(labels), (pred == labels).sum().item(),
+            ((pred == 1) & (labels == 1)).sum().item(), ((pred == 1) != (labels == 1)).sum().item(),
+        ], dtype=torch.float64)
+    loss_sum, n, correct, tp, wrong = all_reduce_sum(sums, ctx).tolist()
+    return {"val_loss": loss_sum / n, "val_acc": correct / n, "val_f1": 2 * tp / (2 * tp + wrong) if tp else 0.0}
+
+
+def _loaders(data: PreparedDataset, cfg: TrainConfig, ctx: DistContext,
+             generator: torch.Generator) -> tuple[DataLoader, DataLoader, torch.Tensor]:
+    train_set = data.split("train", with_masks=False)
+    val_set = data.split("val", with_masks=False)
+    if ctx.is_main:
+        for split in ("train", "val"):
+            data.image_cache(split, progress=cfg.progress)
+    if ctx.distributed:
+        torch.distributed.barrier()
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed) if ctx.distributed else None
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=generator if sampler is None else None, num_workers=cfg.num_workers,
+                              drop_last=len(train_set) > cfg.batch_size * ctx.world_size,
+                              persistent_workers=cfg.num_workers > 0)
+    val_loader = DataLoader(Subset(val_set, shard_indices(len(val_set), ctx)), batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers)
+    return train_loader, val_loader, train_set.labels
+
+
+def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
+    write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(out / "log.csv", buf.getvalue())
+
+
+def train(cfg: TrainConfig, *, on_batch: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Train per ``cfg``; ``on_batch(epoch, batch_index)`` is called before every training step."""
+    with process_group(cfg.device) as ctx:
+        return _train(cfg, ctx, on_batch)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], None] | None) -> TrainResult:
+    if cfg.num_epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1 or cfg.learning_rate <= 0:
+        raise QrsError("--num_epochs, --batch_size and --patience must be >= 1 and --learning_rate > 0")
+    data = PreparedDataset(cfg.data_root)
+    best_loss_path, best_acc_path, last_path = cfg.paths()
+    out = cfg.out_dir()
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + ctx.rank)
+    model = build_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(ctx.device)
+    meta = base_meta(cfg.arch, data.img_size, dataset_hash=data.dataset_hash, seed=cfg.seed)
+    meta["train_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    train_loader, val_loader, train_labels = _loaders(data, cfg, ctx, generator)
+    weights = class_weight_tensor(train_labels, cfg.class_weights)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(ctx.device) if weights is not None else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp and ctx.device.type == "cuda")
+    stopper = EarlyStopping(cfg.patience)
+    best = {"val_loss": math.inf, "val_acc": -1.0}
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    if cfg.resume:
+        state = read_checkpoint(last_path)
+        if state["meta"]["arch"] != cfg.arch or state["meta"]["dataset_hash"] != data.dataset_hash:
+            raise QrsError(f"{last_path} was trained with another arch or dataset; cannot resume from it")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        stopper = EarlyStopping(**state["early_stopping"])
+        best, history = state["best"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["generator"][ctx.rank] if ctx.distributed else state["rng"]["generator"][0])
+        start_epoch = state["meta"]["epoch"] + 1
+    ddp = DistributedDataParallel(model) if ctx.distributed else model
+    epochs = tqdm(range(start_epoch, cfg.num_epochs + 1), desc="train", unit="epoch", initial=start_epoch - 1,
+                  total=cfg.num_epochs, disable=not (cfg.progress and ctx.is_main))
+    stopped = False
+    for epoch in epochs:
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(ddp, train_loader, criterion, optimizer, scaler, meta, cfg, ctx, generator,
+                                     epoch, on_batch)
+        metrics = validate(model, val_loader, criterion, meta, ctx)
+        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "time_s": time.perf_counter() - t0,
+               "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        epoch_meta = {**meta, "epoch": epoch, "val_metrics": metrics}
+        stopped = stopper.step(metrics["val_loss"])
+        gen_states = [torch.as_tensor(s) for s in all_gather_objects(generator.get_state(), ctx)]
+        if ctx.is_main:
+            if metrics["val_loss"] < best["val_loss"]:
+                best["val_loss"] = metrics["val_loss"]
+                save_checkpoint(best_loss_path, model, {**epoch_meta, "selected_by": "best_loss"})
+            if metrics["val_acc"] > best["val_acc"]:
+                best["val_acc"] = metrics["val_acc"]
+                save_checkpoint(best_acc_path, model, {**epoch_meta, "selected_by": "best_acc"})
+            save_checkpoint(last_path, model, {**epoch_meta, "selected_by": "last"}, optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(), early_stopping=asdict(stopper), best=dict(best),
+                            history=history, rng={"torch": torch.get_rng_state(), "generator": gen_states})
+            _write_log(out, history)
+            epochs.set_postfix(train=f"{train_loss:.3f}", val=f"{metrics['val_loss']:.3f}",
+                               acc=f"{metrics['val_acc']:.3f}", f1=f"{metrics['val_f1']:.3f}")
+        if stopped:
+            break
+    epochs.close()
+    if ctx.distributed:
+        torch.distributed.barrier()
+    return TrainResult(best_loss_path, best_acc_path, last_path, history, stopped)
+
