@@ -9,6 +9,9 @@ Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 Pretrained = Literal["imagenet", "none"]
 Augment = Literal["none", "flip", "standard"]
 ClassWeights = Literal["auto", "none"]
+Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
+Norm = Literal["dataset", "image"]
+Aggregation = Literal["mass", "area"]
 
 FORMATS: tuple[str, ...] = get_args(Format)
 SPLITS: tuple[str, ...] = get_args(Split)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from qrs.choices import Arch, Augment, ClassWeights, Format, Pretrained, ResizeMode, Split
+from qrs.choices import Aggregation, Arch, Augment, ClassWeights, Format, Method, Norm, Pretrained, ResizeMode, Split
 from qrs.errors import QrsError
+
+if TYPE_CHECKING:
+    from qrs.extract import ScoreOptions
 
 app = typer.Typer(
     name="qrs",
@@ -122,6 +125,9 @@ def train(
     augment: Annotated[Augment, typer.Option(help="none, flip (h/v flips) or standard (flips, 90-degree turns, "
                                                   "brightness/contrast).")] = "flip",
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (bounds the "
+                                                        "logits, so defect evidence is on a similar scale across "
+                                                        "parts).")] = 0.0,
     out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
                                                      "[default: runs/ beside the data]")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
@@ -131,7 +137,8 @@ def train(
 
     result = run_train(TrainConfig(
         data_root=data_root, out=out, arch=arch, pretrained=pretrained, weights=weights, num_epochs=num_epochs,
-        batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, patience=patience, seed=seed,
+        batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        patience=patience, seed=seed,
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
         best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,
     ))
@@ -162,10 +169,129 @@ def evaluate(
         typer.echo(f"wrote {out}")
 
 
+def _score_options(method: str, threshold: float, norm: str, aggregation: str, compat: bool) -> "ScoreOptions":
+    from qrs.extract import ScoreOptions
+
+    return ScoreOptions(method=method, threshold=threshold, norm=norm, aggregation=aggregation, compat=compat)
+
+
+MethodOpt = Annotated[Method, typer.Option(help="Class activation map method (the paper's is gradcam++).")]
+ThresholdOpt = Annotated[float, typer.Option(help="QRS threshold tau on the normalised map, in (0, 1].")]
+NormOpt = Annotated[Norm, typer.Option(help="dataset: divide by the calibration scale (comparable across images); "
+                                            "image: per-image min-max.")]
+AggregationOpt = Annotated[Aggregation, typer.Option(help="mass: mean of M over tau in the ROI; area: share of the "
+                                                          "ROI over tau.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option(help="Checkpoint to calibrate (rewritten atomically with the result).")],
+    data_root: Annotated[Path, typer.Option("--data_root", "--data-root", help="Prepared dataset.")],
+    method: MethodOpt = "gradcam++",
+    threshold: ThresholdOpt = 0.9,
+    norm: NormOpt = "dataset",
+    aggregation: AggregationOpt = "mass",
+    batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size.")] = 32,
+    num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Store the QRS calibration scale and the risk cut points in a checkpoint.
+
+    Scale: median map peak over the training split's defective images. Cuts: from the validation split.
+    """
+    from qrs.extract import calibrate as run_calibrate
+
+    cal = run_calibrate(model, data_root, options=_score_options(method, threshold, norm, aggregation, False),
+                        batch_size=batch_size, device=device, num_workers=num_workers)
+    cuts = cal["risk_cuts"]
+    typer.echo(f"calibrated {model}: scale {cal['scale']:.6g} from {cal['n_defective_train']} defective training "
+               f"images; " + (f"risk cuts low {cuts['low']:.4g}, high {cuts['high']:.4g}" if cuts else cal["risk_note"]))
+
+
+@app.command()
+def extract(
+    data_dir: Annotated[Path, typer.Option("--data_dir", "--data-dir", help="Prepared dataset.")],
+    model_path: Annotated[Path, typer.Option("--model_path", "--model-path", help="Checkpoint to explain.")],
+    coords_path: Annotated[Optional[Path], typer.Option("--coords_path", "--coords-path",
+                                                        help="coords.pkl/json of relative ROI/defect coordinates. "
+                                                             "[default: the prepared dataset's]")] = None,
+    output_prefix: Annotated[str, typer.Option("--output_prefix", "--output-prefix",
+                                               help="Prefix of the npz and csv files.")] = "gradcam_weights",
+    excel_prefix: Annotated[Optional[str], typer.Option("--excel_prefix", "--excel-prefix",
+                                                        help="Prefix of the xlsx files. [default: over_<threshold>_weights]")] = None,
+    modes: Annotated[list[str], typer.Option(help="Splits to extract: train test (also the README's [\"train\", \"test\"]).")] = ["train", "test"],
+    batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size (per process).")] = 32,
+    num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
+    threshold: ThresholdOpt = 0.9,
+    img_size: Annotated[Optional[tuple[int, int]], typer.Option("--img_size", "--img-size",
+                                                                help="Expected image size H W (checked against the "
+                                                                     "data and the model). [default: the data's]")] = None,
+    method: MethodOpt = "gradcam++",
+    norm: NormOpt = "dataset",
+    aggregation: AggregationOpt = "mass",
+    compat: Annotated[bool, typer.Option(help="Reproduce the grad-cam package's maps (its 1e-6 and per-image "
+                                              "min-max); implies --norm image.")] = False,
+    out_dir: Annotated[Path, typer.Option(help="Directory of the output files.")] = Path("."),
+    device: DeviceOpt = "auto",
+) -> None:
+    """Grad-CAM++ maps and the QRS of every image of the chosen splits (npz, xlsx and csv per split)."""
+    from qrs.extract import extract as run_extract
+
+    result = run_extract(data_dir, model_path, modes=modes, coords_path=coords_path, output_prefix=output_prefix,
+                         excel_prefix=excel_prefix, out_dir=out_dir,
+                         options=_score_options(method, threshold, norm, aggregation, compat),
+                         batch_size=batch_size, num_workers=num_workers, img_size=img_size, device=device)
+    for mode, files in result.files.items():
+        typer.echo(f"{mode}: {len(result.rows[mode])} images -> {', '.join(str(f) for f in files)}")
+
+
+@app.command()
+def analyze(
+    extract_dir: Annotated[Path, typer.Option(help="Directory holding the outputs of `qrs extract`.")],
+    metrics: Annotated[Optional[Path], typer.Option(help="metrics.json of `qrs evaluate`, for the F1 table.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory. [default: EXTRACT_DIR/analysis]")] = None,
+    output_prefix: Annotated[str, typer.Option("--output_prefix", "--output-prefix",
+                                               help="Prefix of the extract files to read.")] = "gradcam_weights",
+) -> None:
+    """Statistics, distribution plots and the self-contained HTML report of an extraction."""
+    from qrs.report import analyze as run_analyze
+
+    result = run_analyze(extract_dir, metrics=metrics, out=out, output_prefix=output_prefix)
+    typer.echo(result.headline())
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for everything the demo writes.")] = Path("demo-out"),
+    overwrite: Annotated[bool, typer.Option(help="Start again in an existing OUT.")] = False,
+) -> None:
+    """Run the whole pipeline on built-in synthetic data: synth, prepare, train, evaluate, calibrate,
+    extract, analyze."""
+    from qrs.demo import run_demo
+
+    run_demo(out, overwrite=overwrite)
+
+
+def _expand_multi_value_options(argv: list[str], names: tuple[str, ...] = ("--modes",)) -> list[str]:
+    """``--modes train test`` (the paper's spelling) -> ``--modes train --modes test``."""
+    out: list[str] = []
+    current = None
+    for arg in argv:
+        if arg in names:
+            current = arg
+        elif arg.startswith("-"):
+            current = None
+        elif current is not None and out[-1] != current:
+            out.append(current)
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit with status 2."""
     try:
-        app()
+        app(args=_expand_multi_value_options(sys.argv[1:]), prog_name="qrs")
     except QrsError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)

@@ -48,6 +48,7 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0
     patience: int = 10
     seed: int = 0
     device: str = "auto"
@@ -225,7 +226,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     meta["train_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     train_loader, val_loader, train_labels = _loaders(data, cfg, ctx, generator)
     weights = class_weight_tensor(train_labels, cfg.class_weights)
-    criterion = nn.CrossEntropyLoss(weight=weights.to(ctx.device) if weights is not None else None)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(ctx.device) if weights is not None else None,
+                                    label_smoothing=cfg.label_smoothing)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp and ctx.device.type == "cuda")
     stopper = EarlyStopping(cfg.patience)

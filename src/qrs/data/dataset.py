@@ -107,7 +107,7 @@ def load_prepared_image(path: Path, size: int) -> np.ndarray:
 
 class SplitDataset(Dataset):
     """One split: items are dicts with ``index``, ``image`` (3xSxS uint8) and ``label``, and with
-    ``with_masks`` also ``roi`` and ``defect`` (SxS bool masks on the prepared grid)."""
+    ``with_masks`` also ``roi``, ``defect`` and ``boxes`` (SxS bool masks on the prepared grid)."""
 
     def __init__(self, data: PreparedDataset, split: str, *, coords: dict[str, dict[str, list]] | None = None,
                  with_masks: bool = True) -> None:
@@ -138,20 +138,24 @@ class SplitDataset(Dataset):
             return entry.get("roi") or [[0.0, 0.0, 1.0, 1.0]], entry.get("defects") or []
         return row["roi"], row["defects"]
 
-    def masks(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ROI mask, defect mask) of item ``i`` on the prepared S x S grid."""
+    def masks(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ROI, defect mask, defect boxes) of item ``i`` as S x S bool arrays on the prepared grid.
+
+        The defect mask is the prepared mask file where one exists, else the rasterised defect boxes.
+        """
         row = self.rows.iloc[i]
         s = self.data.img_size
         mode = self.data.meta["resize"]
         orig = (int(row["orig_width"]), int(row["orig_height"]))
         roi_regions, defect_regions = self.regions(i)
         roi = rasterize([to_prepared(r, orig, mode, s) for r in roi_regions], s, s)
+        boxes = rasterize([to_prepared(r, orig, mode, s) for r in defect_regions], s, s)
         if row["mask"]:
             with Image.open(self.data.root / row["mask"]) as img:
                 defect = np.asarray(img.convert("L")) > 0
         else:
-            defect = rasterize([to_prepared(r, orig, mode, s) for r in defect_regions], s, s)
-        return roi, defect
+            defect = boxes
+        return roi, defect, boxes
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {
@@ -160,7 +164,8 @@ class SplitDataset(Dataset):
             "label": self.labels[i],
         }
         if self.with_masks:
-            roi, defect = self.masks(i)
+            roi, defect, boxes = self.masks(i)
             item["roi"] = torch.from_numpy(roi)
             item["defect"] = torch.from_numpy(defect)
+            item["boxes"] = torch.from_numpy(boxes)
         return item

@@ -1,0 +1,110 @@
+"""Throughput of Grad-CAM++ + QRS against a plain forward pass and the pytorch-grad-cam package.
+
+One ResNet-50 (2 classes, random init, eval mode), one set of random normalised images, three
+measurements per batch size, in images per second (best of --repeats timed passes after a warm-up):
+
+  (a) plain   a forward pass under torch.inference_mode: the physical limit;
+  (b) ours    qrs.cam.compute_cams (Grad-CAM++) + qrs.score.quality_risk_score (dataset norm);
+  (c) gradcam pytorch_grad_cam.GradCAMPlusPlus on model.layer4, ClassifierOutputTarget(1).
+
+Targets: ours/plain >= 0.9 (maps at the cost of one forward pass), ours/gradcam >= 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from pytorch_grad_cam import GradCAMPlusPlus
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+from torchvision.models import resnet50
+
+from qrs.cam import compute_cams
+from qrs.score import calibration_scale, quality_risk_score
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def images_per_second(
+    steps: dict[str, Callable[[Tensor], object]], batches: list[Tensor], repeats: int, device: str
+) -> dict[str, float]:
+    """Best throughput of each step over ``repeats`` passes over all batches, after a warm-up batch.
+
+    The steps take turns within each pass, so load from other processes hits them alike.
+    """
+    for step in steps.values():
+        step(batches[0])
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for batch in batches:
+                step(batch)
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    n_images = sum(len(b) for b in batches)
+    return {name: n_images / seconds for name, seconds in best.items()}
+
+
+def bench_batch_size(
+    model: nn.Module, images: Tensor, batch_size: int, repeats: int, device: str
+) -> dict[str, float]:
+    """Images/s of the three measurements for one batch size."""
+    batches = list(images.split(batch_size))
+    scale = calibration_scale(compute_cams(model, batches[0]).maps.amax(dim=(1, 2)))
+
+    def plain(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    def ours(x: Tensor) -> Tensor:
+        return quality_risk_score(compute_cams(model, x).maps, None, scale=scale)
+
+    with GradCAMPlusPlus(model, target_layers=[model.layer4]) as cam:
+
+        def package(x: Tensor) -> object:
+            return cam(x, targets=[ClassifierOutputTarget(1)] * len(x))
+
+        return images_per_second({"plain": plain, "ours": ours, "gradcam": package}, batches, repeats, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--n-images", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = resnet50(num_classes=2).eval().to(args.device)
+    images = torch.randn(args.n_images, 3, args.img_size, args.img_size, device=args.device)
+    print(
+        f"resnet50, {args.n_images} images {args.img_size}x{args.img_size}, device {args.device}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}"
+    )
+    print(
+        f"{'batch':>5} {'plain img/s':>12} {'ours img/s':>11} {'grad-cam img/s':>15} "
+        f"{'ours/plain':>11} {'ours/grad-cam':>14}"
+    )
+    for batch_size in args.batch_sizes:
+        r = bench_batch_size(model, images, batch_size, args.repeats, args.device)
+        print(
+            f"{batch_size:>5} {r['plain']:>12.1f} {r['ours']:>11.1f} {r['gradcam']:>15.1f} "
+            f"{r['ours'] / r['plain']:>11.2f} {r['ours'] / r['gradcam']:>14.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Class activation maps (Grad-CAM++ and relatives) for one target class; torch in, torch out.
+
+The machinery is written once: get the target layer's activations A (B x K x h x w), the gradients
+g = dy/dA of the target-class logit y, and the logits, then each method is a small function of (A, g).
+Two ways to get (A, g), chosen automatically (QRS_SPEC section 2):
+
+- fast path: a torchvision ResNet explained at ``layer4``, whose head is global average pooling and
+  one Linear layer, has g_k(i,j) = W[c,k] / (h w) constant over (i,j), so the map costs one forward
+  pass and no autograd at all;
+- general path (any other model or layer): a forward hook captures A for the length of the call and
+  ``torch.autograd.grad`` differentiates the logits with respect to A only, never the parameters.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import ResNet
+
+_XGRADCAM_EPS = 1e-7
+"""Keeps XGrad-CAM's division by sum_ij A finite; the grad-cam package's value."""
+_COMPAT_ALPHA_EPS = 1e-6
+"""Additive term in the grad-cam package's Grad-CAM++ alpha denominator."""
+_COMPAT_SCALE_EPS = 1e-7
+"""Additive term in the grad-cam package's min-max scaling (``scale_cam_image``)."""
+
+CamFunction = Callable[[Tensor, Tensor], Tensor]
+"""(A, g), both B x K x h x w, -> the map before the final ReLU, B x h x w."""
+
+
+@dataclass(frozen=True)
+class CamResult:
+    """Maps and logits from one forward pass.
+
+    raw: B x h x w float32, C = relu(sum_k w_k A_k) on the target layer's grid.
+    maps: B x H x W float32 at the input size: raw upsampled bilinearly (align_corners=False), or
+        with ``compat=True`` the grad-cam package's per-image [0, 1] maps.
+    logits: B x num_classes, the model's output of the same forward pass.
+    """
+
+    raw: Tensor
+    maps: Tensor
+    logits: Tensor
+
+
+def _spatial_sum(x: Tensor) -> Tensor:
+    return x.sum(dim=(2, 3), keepdim=True)
+
+
+def _weighted_sum(weights: Tensor, a: Tensor) -> Tensor:
+    """sum_k w_k A_k for channel weights of shape B x K x 1 x 1."""
+    return (weights * a).sum(dim=1)
+
+
+def _gradcam(a: Tensor, g: Tensor) -> Tensor:
+    """Grad-CAM: w_k = mean_ij g."""
+    return _weighted_sum(g.mean(dim=(2, 3), keepdim=True), a)
+
+
+def _gradcam_pp(a: Tensor, g: Tensor) -> Tensor:
+    """Grad-CAM++ in the stable form of the spec: w_k = sum_ij relu(g) / (2 + S_k g).
+
+    Only g > 0 contributes (relu), which also keeps a zero denominator at g < 0 out of the sum.
+    """
+    return _weighted_sum(_spatial_sum(torch.where(g > 0, g / (2 + _spatial_sum(a) * g), 0.0)), a)
+
+
+def _gradcam_pp_compat(a: Tensor, g: Tensor) -> Tensor:
+    """Grad-CAM++ exactly as the grad-cam package computes it (eps 1e-6 in alpha's denominator)."""
+    g2 = g * g
+    alpha = g2 / (2 * g2 + _spatial_sum(a) * (g2 * g) + _COMPAT_ALPHA_EPS)
+    alpha = torch.where(g != 0, alpha, 0.0)
+    return _weighted_sum(_spatial_sum(g.clamp(min=0) * alpha), a)
+
+
+def _xgradcam(a: Tensor, g: Tensor) -> Tensor:
+    """XGrad-CAM: w_k = sum_ij g A / (sum_ij A + eps)."""
+    return _weighted_sum(_spatial_sum(g * a / (_spatial_sum(a) + _XGRADCAM_EPS)), a)
+
+
+def _layercam(a: Tensor, g: Tensor) -> Tensor:
+    """Layer-CAM: sum_k relu(g) A, weights per position."""
+    return (g.clamp(min=0) * a).sum(dim=1)
+
+
+def _hirescam(a: Tensor, g: Tensor) -> Tensor:
+    """HiResCAM: sum_k g A, weights per position."""
+    return (g * a).sum(dim=1)
+
+
+_CAMS: dict[str, CamFunction] = {
+    "gradcam": _gradcam,
+    "gradcam++": _gradcam_pp,
+    "xgradcam": _xgradcam,
+    "layercam": _layercam,
+    "hirescam": _hirescam,
+}
+_COMPAT_CAMS: dict[str, CamFunction] = {"gradcam++": _gradcam_pp_compat}
+"""Methods whose grad-cam package formula differs from ours; the others only differ in scaling."""
+
+METHODS = tuple(_CAMS)
+
+
+def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
+    if layer is None:
+        found = getattr(model, "layer4", None)
+        if not isinstance(found, nn.Module):
+            raise ValueError("model has no 'layer4' module; pass layer= (a module or a dotted name)")
+        return found
+    if isinstance(layer, str):
+        try:
+            return model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"layer {layer!r} not found in the model") from None
+    if isinstance(layer, nn.Module):
+        if not any(m is layer for m in model.modules()):
+            raise ValueError("layer is not a submodule of the model")
+        return layer
+    raise ValueError(f"layer must be None, an nn.Module or a dotted name, got {type(layer).__name__}")
+
+
+def _is_gap_linear_resnet(model: nn.Module, layer: nn.Module) -> bool:
+    """True when ``model(x)`` is exactly fc(flatten(avgpool(layer4(...)))) with a 1x1 average pool.
+
+    The ResNet type with its own forward is required because the fast path replays that forward
+    module by module; hooks on the model itself would be skipped by the replay, so they rule it out.
+    """
+    return (
+        isinstance(model, ResNet)
+        and type(model).forward is ResNet.forward
+        and type(model)._forward_impl is ResNet._forward_impl
+        and layer is model.layer4
+        and isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
+        and model.avgpool.output_size in (1, (1, 1))
+        and isinstance(model.fc, nn.Linear)
+        and not model._forward_hooks
+        and not model._forward_pre_hooks
+    )
+
+
+def _check_target(logits: Tensor, target_class: int) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"model output must be B x num_classes logits, got shape {tuple(logits.shape)}")
+    if not 0 <= target_class < logits.shape[1]:
+        raise ValueError(f"target_class {target_class} out of range for {logits.shape[1]} classes")
+
+
+def _fast_activations(model: ResNet, images: Tensor, target_class: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, g, logits) for a GAP + Linear ResNet head from one forward pass, without autograd."""
+    with torch.no_grad():
+        x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+        a = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+        logits = model.fc(torch.flatten(model.avgpool(a), 1))
+        _check_target(logits, target_class)
+        h, w = a.shape[-2:]
+        g = (model.fc.weight[target_class] / (h * w)).to(a.dtype).view(1, -1, 1, 1).expand_as(a)
+    return a, g, logits
+
+
+def _autograd_activations(
+    model: nn.Module, layer: nn.Module, images: Tensor, target_class: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, g, logits) for any layer: hook the activation, differentiate the summed target logits.
+
+    The hook hands the rest of the network a copy of a detached leaf, so gradients stop at A (no
+    backward through earlier layers, parameters frozen or not) and in-place operations downstream
+    leave the captured values alone. Summing the batch's target logits gives per-sample gradients.
+    """
+    captured: list[Tensor] = []
+
+    def capture(module: nn.Module, inputs: tuple[object, ...], output: object) -> Tensor:
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            raise ValueError("the target layer must output a B x K x h x w tensor")
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf.clone()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        if images.is_inference():
+            images = images.clone()
+        handle = layer.register_forward_hook(capture)
+        try:
+            logits = model(images)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise ValueError(f"the target layer ran {len(captured)} times in one forward pass, not once")
+        if not isinstance(logits, Tensor):
+            raise ValueError(f"model output must be a logits tensor, got {type(logits).__name__}")
+        _check_target(logits, target_class)
+        (a,) = captured
+        y = logits[:, target_class].sum()
+        (g,) = torch.autograd.grad(y, a, allow_unused=True) if y.requires_grad else (None,)
+    if g is None:
+        raise ValueError("the target-class logit does not depend on the target layer's output")
+    return a.detach(), g, logits.detach()
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, half-pixel centres (align_corners=False); the same as OpenCV's INTER_LINEAR."""
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def _minmax_compat(maps: Tensor) -> Tensor:
+    """The grad-cam package's per-image scaling: (x - min) / (1e-7 + max(x - min)); constant -> 0."""
+    shifted = maps - maps.amin(dim=(1, 2), keepdim=True)
+    return shifted / (_COMPAT_SCALE_EPS + shifted.amax(dim=(1, 2), keepdim=True))
+
+
+def compute_cams(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    method: str = "gradcam++",
+    target_class: int = 1,
+    layer: nn.Module | str | None = None,
+    compat: bool = False,
+) -> CamResult:
+    """Class activation maps of ``target_class`` for a batch, plus the logits of the same pass.
+
+    model: in eval mode. images: B x 3 x H x W, already normalised; moved to the model's device.
+    layer: None for the model's ``layer4``, a submodule, or a dotted submodule name.
+    compat: reproduce the grad-cam package (its Grad-CAM++ alpha, and its per-image min-max scaling
+    applied before and after the upsampling, in its order) instead of the spec's raw maps.
+    """
+    if method not in _CAMS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a 4-D B x 3 x H x W tensor, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a normalised floating-point tensor, got {images.dtype}")
+    try:
+        target_class = operator.index(target_class)
+    except TypeError:
+        raise ValueError(f"target_class must be an integer, got {target_class!r}") from None
+    if model.training:
+        raise ValueError("model is in training mode; call model.eval() first")
+    target_layer = _resolve_layer(model, layer)
+    reference = next(model.parameters(), None)
+    if reference is not None:
+        images = images.to(reference.device)
+
+    if _is_gap_linear_resnet(model, target_layer):
+        a, g, logits = _fast_activations(model, images, target_class)
+    else:
+        a, g, logits = _autograd_activations(model, target_layer, images, target_class)
+
+    cam = (_COMPAT_CAMS if compat else _CAMS).get(method, _CAMS[method])
+    with torch.no_grad():
+        raw = cam(a.float(), g.float()).clamp(min=0)
+        size = (images.shape[-2], images.shape[-1])
+        maps = _minmax_compat(upsample(_minmax_compat(raw), size)) if compat else upsample(raw, size)
+    return CamResult(raw=raw, maps=maps, logits=logits)

@@ -1,0 +1,304 @@
+"""``qrs calibrate`` and ``qrs extract``: Grad-CAM++ maps and QRS for every image of the chosen splits.
+
+Extraction streams: each batch's full-resolution maps are reduced to the per-image outputs of
+QRS_SPEC section 4 (and the localisation metrics) and dropped; only the low-resolution raw maps
+are kept, so memory stays bounded however many images there are. Under torchrun each rank scores
+every world_size-th image and rank 0 writes the same files, in the same order, as one process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from qrs.analysis import localisation, qrs_statistics
+from qrs.atomic import write_bytes, write_text, write_with
+from qrs.cam import METHODS, compute_cams
+from qrs.choices import SPLITS
+from qrs.data.dataset import PreparedDataset, SplitDataset
+from qrs.distributed import DistContext, all_gather_objects, process_group, shard_indices
+from qrs.errors import QrsError
+from qrs.model import load_checkpoint, normalize, update_checkpoint_meta
+from qrs.score import AGGREGATIONS, NORMS, calibration_scale, normalize_maps, qrs_details, risk_cuts
+
+ROW_COLUMNS = ("id", "label", "defect_type", "p_defective", "prediction", "qrs", "area", "n_over", "mean_over",
+               "max_over", "peak", "pointing_hit", "energy_in_boxes", "iou")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How maps become QRS: the CAM method, threshold tau, normalisation and aggregation."""
+
+    method: str = "gradcam++"
+    threshold: float = 0.9
+    norm: str = "dataset"
+    aggregation: str = "mass"
+    compat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QrsError(f"unknown --method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if not 0 < self.threshold <= 1:
+            raise QrsError(f"--threshold must be in (0, 1], got {self.threshold}")
+        if self.norm not in NORMS:
+            raise QrsError(f"unknown --norm {self.norm!r}; expected one of {', '.join(NORMS)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise QrsError(f"unknown --aggregation {self.aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+
+    @property
+    def effective_norm(self) -> str:
+        """compat maps are already min-max normalised per image, as the grad-cam package does."""
+        return "image" if self.compat else self.norm
+
+
+def score_batch(model: nn.Module, images: Tensor, roi: Tensor | None, *, scale: float | None,
+                options: ScoreOptions) -> dict[str, Tensor]:
+    """The one scoring path (extract, ``qrs score`` and the service): uint8 B x 3 x S x S images ->
+    p_defective, prediction, raw maps, full-size maps, M and the section 4 outputs, from one forward pass.
+
+    ``qrs`` follows ``options.aggregation`` (mass or area).
+    """
+    device = next(model.parameters()).device
+    cams = compute_cams(model, normalize(images.to(device), model.qrs_meta), method=options.method,
+                        compat=options.compat)
+    p = torch.softmax(cams.logits.float(), dim=1)[:, 1]
+    norm = options.effective_norm
+    roi = roi.to(device) if roi is not None else None
+    details = qrs_details(cams.maps, roi, scale=scale, threshold=options.threshold, norm=norm)
+    if options.aggregation == "area":
+        details["qrs"] = details["area"]
+    return {"p_defective": p, "prediction": (p > 0.5).long(), "raw": cams.raw, "maps": cams.maps,
+            "normalized": normalize_maps(cams.maps, norm=norm, scale=scale), **details}
+
+
+def _loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(Subset(dataset, shard_indices(len(dataset), ctx)), batch_size=batch_size,
+                      num_workers=num_workers)
+
+
+def _gather_rows(parts: dict[str, list[Tensor]], ctx: DistContext) -> dict[str, Tensor]:
+    """Concatenate this rank's batches, gather all ranks, and put rows back in dataset order."""
+    local = {k: torch.cat(v).cpu() for k, v in parts.items()}
+    gathered = all_gather_objects(local, ctx)
+    if len(gathered) == 1:
+        return local
+    merged = {k: torch.cat([g[k] for g in gathered]) for k in local}
+    order = torch.argsort(merged["index"])
+    return {k: v[order] for k, v in merged.items()}
+
+
+def _check_sizes(model: nn.Module, data: PreparedDataset, img_size: tuple[int, int] | None) -> None:
+    trained = int(model.qrs_meta["img_size"])
+    if trained != data.img_size:
+        raise QrsError(f"the model was trained on {trained}x{trained} images but {data.root} holds "
+                       f"{data.img_size}x{data.img_size} images; prepare the data with --img-size {trained}")
+    if img_size is not None and tuple(img_size) != (data.img_size, data.img_size):
+        raise QrsError(f"--img_size {img_size[0]} {img_size[1]} differs from the prepared data's "
+                       f"{data.img_size}x{data.img_size} (and the model's)")
+
+
+@torch.no_grad()
+def _peaks(model: nn.Module, dataset: Dataset, ctx: DistContext, options: ScoreOptions, batch_size: int,
+           num_workers: int, progress: bool) -> Tensor:
+    parts: dict[str, list[Tensor]] = {"index": [], "peak": []}
+    for batch in tqdm(_loader(dataset, ctx, batch_size, num_workers), desc="calibrate", unit="batch",
+                      disable=not (progress and ctx.is_main)):
+        cams = compute_cams(model, normalize(batch["image"].to(ctx.device), model.qrs_meta), method=options.method)
+        parts["index"].append(batch["index"])
+        parts["peak"].append(cams.maps.amax(dim=(1, 2)).cpu())
+    return _gather_rows(parts, ctx)["peak"]
+
+
+def calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[str], *,
+              options: ScoreOptions = ScoreOptions(), batch_size: int = 32, device: str = "auto",
+              num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Compute the calibration scale (median map peak over the training split's defective images)
+    and the risk cut points (validation split), store them in the checkpoint, and return them."""
+    with process_group(device) as ctx:
+        return _calibrate(model_path, data_root, options, batch_size, num_workers, progress, ctx)
+
+
+def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[str], options: ScoreOptions,
+               batch_size: int, num_workers: int, progress: bool, ctx: DistContext) -> dict[str, Any]:
+    model = load_checkpoint(model_path, device=ctx.device)
+    data = PreparedDataset(data_root)
+    _check_sizes(model, data, None)
+    train = data.split("train")
+    defective = [i for i, lab in enumerate(train.labels.tolist()) if lab == 1]
+    if not defective:
+        raise QrsError(f"the training split of {data.root} has no defective images: cannot calibrate")
+    peaks = _peaks(model, Subset(train, defective), ctx, options, batch_size, num_workers, progress)
+    scale = calibration_scale(peaks)
+    calibration: dict[str, Any] = {"scale": scale, "method": options.method, "threshold": options.threshold,
+                                   "norm": options.norm, "aggregation": options.aggregation,
+                                   "n_defective_train": len(defective), "risk_cuts": None, "risk_note": ""}
+    if (data.index["split"] == "val").any():
+        rows = _score_split(model, data.split("val"), ctx, scale, options, batch_size, num_workers, progress,
+                            desc="risk cuts")
+        cuts = risk_cuts(rows["qrs"], rows["label"])
+        if cuts is None:
+            calibration["risk_note"] = ("too few defective validation parts (or no QRS cut where >= 95% of parts "
+                                        "are defective): no risk levels")
+        else:
+            calibration["risk_cuts"] = {"low": cuts[0], "high": cuts[1]}
+    else:
+        calibration["risk_note"] = "no validation split: no risk levels"
+    if ctx.is_main:
+        update_checkpoint_meta(model_path, calibration=calibration)
+    return calibration
+
+
+@torch.no_grad()
+def _score_split(model: nn.Module, dataset: SplitDataset, ctx: DistContext, scale: float | None,
+                 options: ScoreOptions, batch_size: int, num_workers: int, progress: bool,
+                 desc: str) -> dict[str, Tensor]:
+    """Per-image outputs and raw maps of a whole split, in dataset order (gathered on every rank)."""
+    keys = ("p_defective", "prediction", "qrs", "area", "n_over", "mean_over", "max_over", "peak")
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("index", "label", "raw", *keys, "pointing_hit",
+                                                       "energy_in_boxes", "iou")}
+    for batch in tqdm(_loader(dataset, ctx, batch_size, num_workers), desc=desc, unit="batch",
+                      disable=not (progress and ctx.is_main)):
+        out = score_batch(model, batch["image"], batch["roi"], scale=scale, options=options)
+        loc = localisation(out["maps"], out["normalized"], batch["defect"].to(out["maps"].device),
+                           batch["boxes"].to(out["maps"].device), options.threshold)
+        parts["index"].append(batch["index"])
+        parts["label"].append(batch["label"])
+        parts["raw"].append(out["raw"].cpu())
+        for k in keys:
+            parts[k].append(out[k].cpu())
+        for k, v in loc.items():
+            parts[k].append(v.cpu())
+    return _gather_rows(parts, ctx)
+
+
+def parse_modes(values: list[str]) -> list[str]:
+    """Splits to extract from ``--modes`` values: ``train test``, ``train,test`` or ``["train", "test"]``."""
+    modes = [m for v in values for m in re.split(r"[\s,\[\]'\"]+", v) if m]
+    unknown = [m for m in modes if m not in SPLITS]
+    if unknown or not modes:
+        raise QrsError(f"--modes must name splits among {', '.join(SPLITS)}; got {values}")
+    return list(dict.fromkeys(modes))
+
+
+def load_coords(path: str | os.PathLike[str]) -> dict[str, dict[str, list]]:
+    """Relative coordinates per image id from a ``coords.pkl`` or ``coords.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QrsError(f"coordinates file {path} does not exist")
+    try:
+        coords = pickle.loads(path.read_bytes()) if path.suffix == ".pkl" else json.loads(path.read_text())
+    except (pickle.UnpicklingError, json.JSONDecodeError, EOFError, UnicodeDecodeError) as exc:
+        raise QrsError(f"cannot read coordinates file {path}: {exc}") from exc
+    if not isinstance(coords, dict) or not coords:
+        raise QrsError(f"coordinates file {path} is empty: expected image id -> {{'roi': [...], 'defects': [...]}}")
+    return coords
+
+
+@dataclass
+class ExtractResult:
+    """The files written per mode, and the rows of each mode."""
+
+    files: dict[str, list[Path]]
+    rows: dict[str, pd.DataFrame]
+    scale: float | None
+
+
+def extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str], *,
+            modes: list[str] = ("train", "test"), coords_path: str | os.PathLike[str] | None = None,
+            output_prefix: str = "gradcam_weights", excel_prefix: str | None = None,
+            out_dir: str | os.PathLike[str] = ".", options: ScoreOptions = ScoreOptions(), batch_size: int = 32,
+            num_workers: int = 0, img_size: tuple[int, int] | None = None, device: str = "auto",
+            progress: bool = True) -> ExtractResult:
+    """Grad-CAM++ and QRS for every image of ``modes``; writes the npz, xlsx and csv of spec section 8.
+
+    Calibrates the checkpoint first when it has no calibration scale and ``norm="dataset"``.
+    """
+    with process_group(device) as ctx:
+        return _extract(data_dir, model_path, list(modes), coords_path, output_prefix, excel_prefix, out_dir,
+                        options, batch_size, num_workers, img_size, progress, ctx)
+
+
+def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str], modes: list[str],
+             coords_path: str | os.PathLike[str] | None, output_prefix: str, excel_prefix: str | None,
+             out_dir: str | os.PathLike[str], options: ScoreOptions, batch_size: int, num_workers: int,
+             img_size: tuple[int, int] | None, progress: bool, ctx: DistContext) -> ExtractResult:
+    data = PreparedDataset(data_dir)
+    modes = parse_modes(modes)
+    coords = load_coords(coords_path) if coords_path else None
+    model = load_checkpoint(model_path, device=ctx.device)
+    _check_sizes(model, data, img_size)
+    for mode in modes:
+        data.rows(mode)
+    scale = None
+    if options.effective_norm == "dataset":
+        calibration = model.qrs_meta.get("calibration") or {}
+        if calibration.get("method") != options.method:
+            if ctx.is_main:
+                print(f"{model_path} has no calibration for {options.method}: calibrating it first "
+                      "(median map peak of the defective training images)")
+            calibration = _calibrate(model_path, data_dir, options, batch_size, num_workers, progress, ctx)
+        scale = float(calibration["scale"])
+    excel_prefix = excel_prefix or f"over_{options.threshold:g}_weights"
+    out = Path(out_dir)
+    files: dict[str, list[Path]] = {}
+    frames: dict[str, pd.DataFrame] = {}
+    for mode in modes:
+        dataset = data.split(mode, coords=coords)
+        result = _score_split(model, dataset, ctx, scale, options, batch_size, num_workers, progress,
+                              desc=f"extract {mode}")
+        rows = _rows_frame(dataset, result)
+        frames[mode] = rows
+        if ctx.is_main:
+            meta = {"mode": mode, "arch": model.qrs_meta["arch"], "model_path": str(model_path),
+                    "data_dir": str(data_dir), "img_size": data.img_size, "scale": scale, **asdict(options),
+                    "excel_prefix": excel_prefix, "output_prefix": output_prefix}
+            files[mode] = _write_mode(out, output_prefix, excel_prefix, mode, rows, result, meta)
+    return ExtractResult(files, frames, scale)
+
+
+def _rows_frame(dataset: SplitDataset, result: dict[str, Tensor]) -> pd.DataFrame:
+    frame = pd.DataFrame({"id": dataset.rows["id"], "label": result["label"].numpy(),
+                          "defect_type": dataset.rows["defect_type"]})
+    for col in ROW_COLUMNS[3:]:
+        frame[col] = result[col].numpy()
+    return frame
+
+
+def _write_mode(out: Path, output_prefix: str, excel_prefix: str, mode: str, rows: pd.DataFrame,
+                result: dict[str, Tensor], meta: dict[str, Any]) -> list[Path]:
+    npz_path = out / f"{output_prefix}_{mode}.npz"
+    buf = io.BytesIO()
+    np.savez_compressed(buf, ids=rows["id"].to_numpy(dtype=str), labels=rows["label"].to_numpy(),
+                        p_defective=rows["p_defective"].to_numpy(), qrs=rows["qrs"].to_numpy(),
+                        raw_maps=result["raw"].numpy().astype(np.float32),
+                        scale=np.float64(np.nan if meta["scale"] is None else meta["scale"]),
+                        options=np.array(json.dumps(meta)))
+    write_bytes(npz_path, buf.getvalue())
+    csv_path = out / f"{output_prefix}_{mode}.csv"
+    write_text(csv_path, rows.to_csv(index=False))
+    stats = qrs_statistics(rows["qrs"].to_numpy(), rows["label"].to_numpy())
+    xlsx_path = out / f"{excel_prefix}_{mode}.xlsx"
+
+    def write_xlsx(tmp: Path) -> None:
+        with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+            rows.to_excel(writer, sheet_name="images", index=False)
+            pd.DataFrame({"statistic": list(stats), "value": list(stats.values())}).to_excel(
+                writer, sheet_name="statistics", index=False)
+            pd.DataFrame({"option": list(meta), "value": [str(v) for v in meta.values()]}).to_excel(
+                writer, sheet_name="options", index=False)
+
+    write_with(xlsx_path, write_xlsx)
+    return [npz_path, xlsx_path, csv_path]

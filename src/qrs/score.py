@@ -1,0 +1,173 @@
+"""Quality Risk Score math (QRS_SPEC sections 3 and 4): tensors in, tensors out, no I/O.
+
+Maps are raw class activation maps C (B x H x W, usually upsampled to the input size); the ROI R is
+a boolean mask of the inspected part. M is the normalised map in [0, 1] and tau the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+NORMS = ("dataset", "image")
+AGGREGATIONS = ("mass", "area")
+
+
+def normalize_maps(maps: Tensor, *, norm: str = "dataset", scale: float | None = None) -> Tensor:
+    """M from raw maps C (B x H x W).
+
+    ``dataset``: clip(C / scale, 0, 1) with the calibration scale (> 0, see calibration_scale), so a
+    threshold means the same evidence strength on every image. ``image``: per-image min-max, 0 where
+    the map is constant (the pytorch-grad-cam convention).
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be B x H x W, got shape {tuple(maps.shape)}")
+    if norm == "dataset":
+        if scale is None or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"norm='dataset' needs a finite calibration scale > 0, got {scale!r}")
+        return (maps / float(scale)).clamp(0, 1)
+    if norm == "image":
+        low = maps.amin(dim=(1, 2), keepdim=True)
+        span = maps.amax(dim=(1, 2), keepdim=True) - low
+        return torch.where(span > 0, (maps - low) / torch.where(span > 0, span, 1), 0)
+    raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+
+
+def _roi_mask(maps: Tensor, roi: Tensor | None) -> Tensor:
+    """The ROI as a B x H x W bool mask on the maps' device: None = whole image, H x W = every image."""
+    if roi is None:
+        return torch.ones(maps.shape, dtype=torch.bool, device=maps.device)
+    if roi.dtype != torch.bool:
+        raise ValueError(f"roi must be a bool mask, got {roi.dtype}")
+    if roi.shape not in (maps.shape, maps.shape[1:]):
+        raise ValueError(
+            f"roi shape {tuple(roi.shape)} matches neither B x H x W nor H x W of maps {tuple(maps.shape)}"
+        )
+    return roi.to(maps.device).expand(maps.shape)
+
+
+def _over_threshold(
+    maps: Tensor, roi: Tensor | None, scale: float | None, threshold: float, norm: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(M, R & {M >= tau}, |R| as float): the shared core of every QRS output."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    m = normalize_maps(maps, norm=norm, scale=scale)
+    region = _roi_mask(maps, roi)
+    over = region & (m >= threshold)
+    return m, over, region.sum(dim=(1, 2)).to(m.dtype)
+
+
+def _share(total: Tensor, count: Tensor) -> Tensor:
+    """total / count per image, 0 where count is 0 (an empty ROI, or no pixel over tau)."""
+    return torch.where(count > 0, total / count.clamp(min=1), 0)
+
+
+def quality_risk_score(
+    maps: Tensor,
+    roi: Tensor | None,
+    *,
+    scale: float | None = None,
+    threshold: float = 0.9,
+    norm: str = "dataset",
+    aggregation: str = "mass",
+) -> Tensor:
+    """QRS per image (B,), in [0, 1].
+
+    mass: (1 / |R|) * sum of M(p) over p in R with M(p) >= tau. area: share of R with M(p) >= tau.
+    An image whose ROI is empty gets 0 (no part, no evidence) rather than an error, so one bad ROI
+    does not stop a batch.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    m, over, n_roi = _over_threshold(maps, roi, scale, threshold, norm)
+    total = (m * over).sum(dim=(1, 2)) if aggregation == "mass" else over.sum(dim=(1, 2)).to(m.dtype)
+    return _share(total, n_roi)
+
+
+def qrs_details(
+    maps: Tensor,
+    roi: Tensor | None,
+    *,
+    scale: float | None = None,
+    threshold: float = 0.9,
+    norm: str = "dataset",
+) -> dict[str, Tensor]:
+    """The per-image outputs of spec section 4, each a tensor of shape (B,).
+
+    qrs (mass aggregation), area (share of R over tau), n_over (int64 count of R pixels over tau),
+    mean_over and max_over (of M over tau inside R, 0 when none), peak (max of the raw map).
+    """
+    m, over, n_roi = _over_threshold(maps, roi, scale, threshold, norm)
+    n_over = over.sum(dim=(1, 2))
+    mass = (m * over).sum(dim=(1, 2))
+    return {
+        "qrs": _share(mass, n_roi),
+        "area": _share(n_over.to(m.dtype), n_roi),
+        "n_over": n_over,
+        "mean_over": _share(mass, n_over.to(m.dtype)),
+        "max_over": torch.where(over, m, 0).amax(dim=(1, 2)),
+        "peak": maps.amax(dim=(1, 2)),
+    }
+
+
+def calibration_scale(peaks: Tensor | Sequence[float]) -> float:
+    """The dataset-norm scale s: median of the raw-map peaks of the defective training images."""
+    values = torch.as_tensor(peaks, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        raise ValueError("calibration_scale needs at least one peak (defective training images)")
+    if not torch.isfinite(values).all() or (values < 0).any():
+        raise ValueError("map peaks must be finite and >= 0")
+    scale = float(torch.quantile(values, 0.5))
+    if scale == 0:
+        raise ValueError(
+            "the median map peak is 0: the class activation maps of the defective images are all zero "
+            "(is the model trained?)"
+        )
+    return scale
+
+
+MIN_DEFECTIVE_FOR_CUTS = 5
+LOW_CUT_RECALL_PCT = 99
+"""Share of defective parts (percent) the low cut must keep at or above it."""
+HIGH_CUT_PRECISION_PCT = 95
+"""Share of defective parts (percent) among all parts at or above the high cut."""
+
+
+def risk_cuts(qrs: Tensor | Sequence[float], labels: Tensor | Sequence[int]) -> tuple[float, float] | None:
+    """Cuts (low, high) on QRS from a validation split (labels: 1 = defective, 0 = good).
+
+    Candidate cuts are the observed QRS values. low: the highest cut that keeps >= 99% of defective
+    parts at or above it. high: the lowest cut at or above which >= 95% of the parts are defective.
+    None when there are fewer than 5 defective parts or no cut reaches 95%. low is capped at high.
+    """
+    scores = torch.as_tensor(qrs, dtype=torch.float64).flatten()
+    defective = torch.as_tensor(labels).flatten().to(torch.bool)
+    if scores.shape != defective.shape:
+        raise ValueError(f"qrs and labels differ in length: {scores.numel()} vs {defective.numel()}")
+    n_defective = int(defective.sum())
+    if n_defective < MIN_DEFECTIVE_FOR_CUTS:
+        return None
+    cuts = torch.unique(scores)
+    at_or_above = scores[None, :] >= cuts[:, None]
+    kept_defective = (at_or_above & defective[None, :]).sum(dim=1)
+    kept = at_or_above.sum(dim=1)
+    enough_recall = 100 * kept_defective >= LOW_CUT_RECALL_PCT * n_defective
+    precise = 100 * kept_defective >= HIGH_CUT_PRECISION_PCT * kept
+    if not precise.any():
+        return None
+    high = float(cuts[precise].min())
+    low = float(cuts[enough_recall].max())
+    return min(low, high), high
+
+
+def risk_level(qrs: Tensor | Sequence[float], cuts: tuple[float, float] | None) -> list[str]:
+    """"low" below the low cut, "high" at or above the high cut, "medium" between."""
+    if cuts is None:
+        raise ValueError("no risk cuts (risk_cuts returned None): risk levels are undefined")
+    low, high = cuts
+    values = torch.as_tensor(qrs, dtype=torch.float64).flatten().tolist()
+    return ["high" if q >= high else "low" if q < low else "medium" for q in values]

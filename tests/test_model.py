@@ -1,0 +1,85 @@
+"""Model building and checkpoints: round trip, bad files, offline ImageNet weights."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from qrs.errors import QrsError
+from qrs.model import (
+    CheckpointError, base_meta, build_model, load_checkpoint, normalize, read_checkpoint, save_checkpoint,
+    update_checkpoint_meta,
+)
+
+
+def test_checkpoint_round_trip_is_weights_only_and_eval(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18")
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, base_meta("resnet18", 32, dataset_hash="abc", seed=5))
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "qrs-checkpoint" and raw["meta"]["arch"] == "resnet18"
+    loaded = load_checkpoint(path)
+    assert not loaded.training and loaded.fc.out_features == 2
+    assert loaded.qrs_meta["dataset_hash"] == "abc" and loaded.qrs_meta["class_names"] == ["non-defective", "defective"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+    update_checkpoint_meta(path, calibration={"scale": 2.5})
+    assert read_checkpoint(path)["meta"]["calibration"] == {"scale": 2.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, build_model("resnet18"), base_meta("resnet18", 32))
+    good_bytes = good.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good_bytes[: len(good_bytes) // 2])
+    payload = read_checkpoint(good)
+    payload["meta"]["arch"] = "resnet34"
+    torch.save(payload, tmp_path / "mismatch.pt")
+    cases = {
+        "corrupt.pt": "is not a readable checkpoint (corrupted or truncated?)",
+        "truncated.pt": "is not a readable checkpoint (corrupted or truncated?)",
+        "other.pt": "is not a qrs checkpoint",
+        "mismatch.pt": "the weights do not fit a resnet34 model",
+        "missing.pt": "does not exist",
+    }
+    for name, message in cases.items():
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="holds a resnet18 model, not the resnet50"):
+        load_checkpoint(good, arch="resnet50")
+
+
+def test_offline_imagenet_names_the_alternatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(QrsError, match="--pretrained none.*--weights FILE"):
+        build_model("resnet18", pretrained="imagenet")
+
+
+def test_weights_file_loads_backbone_and_replaces_a_1000_class_head(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    imagenet_like = torchvision.models.resnet18(num_classes=1000)
+    torch.save(imagenet_like.state_dict(), tmp_path / "r18.pth")
+    model = build_model("resnet18", weights=tmp_path / "r18.pth")
+    assert torch.equal(model.conv1.weight, imagenet_like.conv1.weight)
+    assert model.fc.out_features == 2
+    with pytest.raises(QrsError, match="does not fit"):
+        build_model("resnet34", weights=tmp_path / "r18.pth")
+
+
+def test_normalize_uses_checkpoint_statistics() -> None:
+    meta = base_meta("resnet18", 4)
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(images, meta)
+    expected = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(out[0, :, 0, 0], expected)

@@ -1,0 +1,209 @@
+"""QRS math on hand-built maps whose expected values are worked out in the comments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from qrs.score import (
+    calibration_scale,
+    normalize_maps,
+    qrs_details,
+    quality_risk_score,
+    risk_cuts,
+    risk_level,
+)
+
+# Image 0: C = 0..15 row by row. Image 1: constant 3. Image 2: all zero.
+RAMP = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+MAPS = torch.stack([RAMP, torch.full((4, 4), 3.0), torch.zeros(4, 4)])
+LEFT_HALF = torch.zeros(4, 4, dtype=torch.bool)
+LEFT_HALF[:, :2] = True
+
+
+def test_dataset_norm_by_hand() -> None:
+    # scale 8, tau 0.75: M = min(C/8, 1) = 0, .125, .25, .375 / .5, .625, .75, .875 / 1 x 8.
+    # Over tau: .75, .875 and eight 1s -> n_over 10, sum 9.625, |R| = 16.
+    d = qrs_details(MAPS, None, scale=8.0, threshold=0.75)
+    assert d["qrs"].tolist() == [9.625 / 16, 0.0, 0.0]  # 0.6015625; image 1: 3/8 = .375 < tau
+    assert d["area"].tolist() == [10 / 16, 0.0, 0.0]
+    assert d["n_over"].tolist() == [10, 0, 0] and d["n_over"].dtype == torch.int64
+    assert d["mean_over"].tolist() == pytest.approx([9.625 / 10, 0.0, 0.0])
+    assert d["max_over"].tolist() == [1.0, 0.0, 0.0]
+    assert d["peak"].tolist() == [15.0, 3.0, 0.0]
+    assert quality_risk_score(MAPS, None, scale=8.0, threshold=0.75).tolist() == [0.6015625, 0.0, 0.0]
+    assert quality_risk_score(MAPS, None, scale=8.0, threshold=0.75, aggregation="area").tolist() == [0.625, 0, 0]
+
+
+def test_dataset_norm_small_scale_saturates() -> None:
+    # scale 2, tau 0.9: M = min(C/2, 1) is 0, .5 and then 1 for C >= 2: image 0 has 14 ones -> 14/16;
+    # image 1 (C = 3) is 1 everywhere -> 1.0.
+    q = quality_risk_score(MAPS, None, scale=2.0)
+    assert q.tolist() == [14 / 16, 1.0, 0.0]
+
+
+def test_roi_by_hand() -> None:
+    # Left two columns (8 pixels) at scale 8, tau .75: M = 0,.125 / .5,.625 / 1,1 / 1,1 -> four 1s.
+    d = qrs_details(MAPS, LEFT_HALF, scale=8.0, threshold=0.75)
+    assert d["qrs"][0].item() == 4 / 8
+    assert d["area"][0].item() == 4 / 8
+    assert d["n_over"][0].item() == 4
+    assert d["mean_over"][0].item() == 1.0
+    assert d["peak"][0].item() == 15.0  # the peak is of the whole raw map, not the ROI
+
+
+def test_image_norm_by_hand() -> None:
+    # Image 0: M = C/15; tau .75 -> C >= 11.25: 12..15, sum (12+13+14+15)/15 = 3.6 -> QRS 3.6/16 = .225.
+    # Images 1 and 2 are constant -> M = 0 everywhere -> 0.
+    d = qrs_details(MAPS, None, threshold=0.75, norm="image")
+    assert d["qrs"].tolist() == pytest.approx([0.225, 0.0, 0.0])
+    assert d["area"].tolist() == [0.25, 0.0, 0.0]
+    assert d["max_over"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_normalize_maps() -> None:
+    maps = torch.tensor([[[-2.0, 0.0], [4.0, 10.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    assert normalize_maps(maps, scale=4.0).tolist() == [[[0.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]]
+    # per image: (C - (-2)) / 12 -> 0, 1/6, 1/2, 1; the constant image gives 0.
+    image = normalize_maps(maps, norm="image")
+    torch.testing.assert_close(image[0], torch.tensor([[0.0, 1 / 6], [0.5, 1.0]]))
+    assert torch.equal(image[1], torch.zeros(2, 2))
+
+
+def test_roi_none_equals_full_roi_and_2d_roi_broadcasts() -> None:
+    full = torch.ones(3, 4, 4, dtype=torch.bool)
+    assert torch.equal(quality_risk_score(MAPS, None, scale=8.0), quality_risk_score(MAPS, full, scale=8.0))
+    batch_roi = LEFT_HALF.expand(3, 4, 4).clone()
+    assert torch.equal(
+        quality_risk_score(MAPS, LEFT_HALF, scale=8.0), quality_risk_score(MAPS, batch_roi, scale=8.0)
+    )
+
+
+def test_empty_roi_gives_zero_for_that_image_only() -> None:
+    roi = torch.ones(3, 4, 4, dtype=torch.bool)
+    roi[0] = False
+    d = qrs_details(MAPS, roi, scale=2.0)
+    assert d["qrs"].tolist() == [0.0, 1.0, 0.0]
+    assert d["area"].tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5, float("nan")])
+def test_threshold_out_of_range(threshold: float) -> None:
+    with pytest.raises(ValueError, match=rf"threshold must be in \(0, 1\], got {threshold}"):
+        quality_risk_score(MAPS, None, scale=8.0, threshold=threshold)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        qrs_details(MAPS, None, scale=8.0, threshold=threshold)
+
+
+def test_threshold_one_is_allowed() -> None:
+    # tau = 1 at scale 8: only the eight saturated pixels count -> 8/16.
+    assert quality_risk_score(MAPS, None, scale=8.0, threshold=1.0)[0].item() == 0.5
+
+
+@pytest.mark.parametrize("scale", [None, 0.0, -1.0, float("inf"), float("nan")])
+def test_dataset_norm_needs_positive_scale(scale: float | None) -> None:
+    with pytest.raises(ValueError, match="calibration scale > 0"):
+        quality_risk_score(MAPS, None, scale=scale)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown norm 'global'"):
+        normalize_maps(MAPS, norm="global")
+    with pytest.raises(ValueError, match="unknown aggregation 'sum'"):
+        quality_risk_score(MAPS, None, scale=1.0, aggregation="sum")
+    with pytest.raises(ValueError, match="maps must be B x H x W"):
+        quality_risk_score(RAMP, None, scale=1.0)
+    with pytest.raises(ValueError, match="roi must be a bool mask"):
+        quality_risk_score(MAPS, LEFT_HALF.float(), scale=1.0)
+    with pytest.raises(ValueError, match=r"roi shape \(4, 3\)"):
+        quality_risk_score(MAPS, LEFT_HALF[:, :3], scale=1.0)
+
+
+raw_maps = arrays("float32", (2, 5, 5), elements=st.floats(0, 20, width=32))
+rois = arrays("bool", (2, 5, 5))
+taus = st.floats(0.01, 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps=raw_maps, roi=rois, scale=st.floats(0.1, 20), tau=taus, norm=st.sampled_from(["dataset", "image"]))
+def test_properties(maps, roi, scale: float, tau: float, norm: str) -> None:
+    m, r = torch.from_numpy(maps), torch.from_numpy(roi)
+    d = qrs_details(m, r, scale=scale, threshold=tau, norm=norm)
+    assert ((d["qrs"] >= 0) & (d["qrs"] <= d["area"] + 1e-6) & (d["area"] <= 1)).all()
+    assert torch.equal(d["qrs"], quality_risk_score(m, r, scale=scale, threshold=tau, norm=norm))
+    n_roi = r.sum(dim=(1, 2))
+    assert torch.equal(d["n_over"] <= n_roi, torch.ones(2, dtype=torch.bool))
+    has_over = d["n_over"] > 0
+    assert (d["max_over"][has_over] >= tau - 1e-6).all() and (d["max_over"] <= 1).all()
+    # qrs = mean_over * n_over / |R|
+    torch.testing.assert_close(d["qrs"], d["mean_over"] * d["n_over"] / n_roi.clamp(min=1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps=raw_maps, scale=st.floats(0.1, 20), taus=st.tuples(taus, taus), norm=st.sampled_from(["dataset", "image"]))
+def test_monotone_in_threshold(maps, scale: float, taus: tuple[float, float], norm: str) -> None:
+    low, high = sorted(taus)
+    m = torch.from_numpy(maps)
+    for aggregation in ("mass", "area"):
+        q_low = quality_risk_score(m, None, scale=scale, threshold=low, norm=norm, aggregation=aggregation)
+        q_high = quality_risk_score(m, None, scale=scale, threshold=high, norm=norm, aggregation=aggregation)
+        assert (q_high <= q_low).all()
+
+
+def test_calibration_scale() -> None:
+    assert calibration_scale([1.0, 3.0, 2.0]) == 2.0
+    assert calibration_scale(torch.tensor([1.0, 2.0, 3.0, 10.0])) == 2.5  # even count: mean of 2 and 3
+    assert calibration_scale([0.0, 4.0, 4.0]) == 4.0  # zeros among the peaks are allowed
+    with pytest.raises(ValueError, match="at least one peak"):
+        calibration_scale([])
+    with pytest.raises(ValueError, match="all zero"):
+        calibration_scale([0.0, 0.0, 5.0])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        calibration_scale([1.0, float("nan")])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        calibration_scale([1.0, -2.0])
+
+
+def test_risk_cuts_small_example() -> None:
+    defective = [0.10, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90, 0.95]
+    good = [0.0, 0.0, 0.05, 0.05, 0.10, 0.15, 0.20, 0.35, 0.45, 0.02]
+    # low: 10 defective, 99% of 10 = 9.9 -> all must be kept -> the lowest defective QRS, 0.10.
+    # high: at 0.45, 7 defective + 1 good (7/8 = .875); at 0.40, 8/9; at 0.50, 7/7 = 1 -> 0.50.
+    cuts = risk_cuts(defective + good, [1] * 10 + [0] * 10)
+    assert cuts == pytest.approx((0.10, 0.50))
+    assert risk_level([0.05, 0.10, 0.45, 0.50, 0.99], cuts) == ["low", "medium", "medium", "high", "high"]
+
+
+def test_risk_cuts_drops_one_percent() -> None:
+    defective = [i / 100 for i in range(1, 101)]  # 0.01 .. 1.00
+    good = [0.0] * 20 + [0.5] * 10
+    # low: 99 of 100 may be kept -> drop 0.01 -> 0.02.
+    # high: at 0.50, 51 defective + 10 good (51/61 = .84); at 0.51, 50/50 -> 0.51 (below 0.50 it is lower).
+    cuts = risk_cuts(torch.tensor(defective + good), torch.tensor([1] * 100 + [0] * 30))
+    assert cuts == pytest.approx((0.02, 0.51))
+
+
+def test_risk_cuts_low_capped_at_high() -> None:
+    defective = [i / 100 for i in range(1, 101)]
+    # No good part above 0: at 0.01 all 100 kept parts are defective -> high = 0.01; low would be 0.02.
+    cuts = risk_cuts(defective + [0.0] * 50, [1] * 100 + [0] * 50)
+    assert cuts == pytest.approx((0.01, 0.01))
+    assert risk_level([0.0, 0.01, 0.5], cuts) == ["low", "high", "high"]
+
+
+def test_risk_cuts_none() -> None:
+    # Four defective parts are too few.
+    assert risk_cuts([0.9, 0.8, 0.7, 0.6, 0.1], [1, 1, 1, 1, 0]) is None
+    # Good parts above every defective one: precision never reaches 95%.
+    assert risk_cuts([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6], [1, 1, 1, 1, 1, 0, 0]) is None
+    with pytest.raises(ValueError, match="no risk cuts"):
+        risk_level([0.5], None)
+    with pytest.raises(ValueError, match="differ in length"):
+        risk_cuts([0.1, 0.2], [1])
+
+
+def test_risk_level_without_medium_band() -> None:
+    assert risk_level(torch.tensor([0.1, 0.3, 0.2999]), (0.3, 0.3)) == ["low", "high", "low"]

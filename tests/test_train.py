@@ -1,0 +1,124 @@
+"""Training: checkpoints, early stopping, exact resume, the paper's command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qrs import train as train_module
+from qrs.cli import app
+from qrs.model import load_checkpoint, read_checkpoint
+from qrs.train import EarlyStopping, TrainConfig, augment_batch, class_weight_tensor, train
+
+runner = CliRunner()
+
+
+def _config(data: Path, out: Path, **kw: object) -> TrainConfig:
+    base = dict(data_root=data, out=out, arch="resnet18", num_epochs=2, batch_size=8, learning_rate=1e-3,
+                device="cpu", progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_tiny_run_writes_three_loadable_checkpoints_and_a_log(prepared_small: Path, tmp_path: Path) -> None:
+    result = train(_config(prepared_small, tmp_path / "run"))
+    for path in (result.best_loss_path, result.best_acc_path, result.last_path):
+        model = load_checkpoint(path)
+        assert model.qrs_meta["img_size"] == 32 and model.qrs_meta["arch"] == "resnet18"
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert list(log["epoch"]) == [1, 2]
+    assert set(log.columns) >= {"train_loss", "val_loss", "val_acc", "val_f1", "time_s"}
+    jsonl = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in jsonl] == pytest.approx(list(log["val_loss"]))
+    best = read_checkpoint(result.best_loss_path)["meta"]
+    assert best["val_metrics"]["val_loss"] == pytest.approx(log["val_loss"].min())
+    assert best["epoch"] == int(log["epoch"][log["val_loss"].idxmin()])
+    best_acc = read_checkpoint(result.best_acc_path)["meta"]
+    assert best_acc["val_metrics"]["val_acc"] == pytest.approx(log["val_acc"].max())
+
+
+def test_early_stopping_counts_epochs_without_improvement() -> None:
+    stopper = EarlyStopping(patience=2)
+    decisions = [stopper.step(v) for v in [1.0, 0.8, 0.9, 0.85, 0.7]]
+    assert decisions == [False, False, False, True, False]
+    assert stopper.best == 0.7 and stopper.bad_epochs == 0
+
+
+def test_training_stops_at_the_right_epoch_on_a_scripted_validation_loss(
+        prepared_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    losses = iter([0.9, 0.7, 0.75, 0.72, 0.71, 0.5])
+    accs = iter([0.5, 0.6, 0.9, 0.6, 0.6, 0.9])
+    monkeypatch.setattr(train_module, "validate",
+                        lambda *a, **k: {"val_loss": next(losses), "val_acc": next(accs), "val_f1": 0.0})
+    result = train(_config(prepared_small, tmp_path / "run", num_epochs=6, patience=3))
+    assert result.stopped_early and [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    assert read_checkpoint(result.best_loss_path)["meta"]["epoch"] == 2
+    assert read_checkpoint(result.best_acc_path)["meta"]["epoch"] == 3
+
+
+def test_resume_after_a_crash_in_epoch_3_gives_the_same_weights(prepared_small: Path, tmp_path: Path) -> None:
+    full = train(_config(prepared_small, tmp_path / "full", num_epochs=4, augment="standard"))
+
+    def crash(epoch: int, batch: int) -> None:
+        if epoch == 3 and batch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(prepared_small, tmp_path / "crashed", num_epochs=4, augment="standard"), on_batch=crash)
+    assert read_checkpoint(tmp_path / "crashed" / "last.pt")["meta"]["epoch"] == 2
+    resumed = train(_config(prepared_small, tmp_path / "crashed", num_epochs=4, augment="standard", resume=True))
+    a = read_checkpoint(full.last_path)
+    b = read_checkpoint(resumed.last_path)
+    assert a["meta"]["epoch"] == b["meta"]["epoch"] == 4
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+
+
+def test_resume_refuses_another_arch(prepared_small: Path, tmp_path: Path) -> None:
+    train(_config(prepared_small, tmp_path / "run", num_epochs=1))
+    with pytest.raises(Exception, match="another arch or dataset"):
+        train(_config(prepared_small, tmp_path / "run", arch="resnet34", num_epochs=2, resume=True))
+
+
+def test_same_seed_same_checkpoint(prepared_small: Path, tmp_path: Path) -> None:
+    a = train(_config(prepared_small, tmp_path / "a", num_epochs=1))
+    b = train(_config(prepared_small, tmp_path / "b", num_epochs=1))
+    sa, sb = read_checkpoint(a.last_path)["state_dict"], read_checkpoint(b.last_path)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_paper_command_line_with_underscored_flags(prepared_small: Path, tmp_path: Path) -> None:
+    args = ["train", "--data_root", str(prepared_small), "--num_epochs", "1", "--batch_size", "16",
+            "--learning_rate", "0.0001", "--patience", "10", "--best_loss_path", str(tmp_path / "bl.pt"),
+            "--best_acc_path", str(tmp_path / "ba.pt"), "--arch", "resnet18", "--out", str(tmp_path / "run"),
+            "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "bl.pt").qrs_meta["train_config"]["batch_size"] == 16
+    assert (tmp_path / "ba.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
+    dashed = runner.invoke(app, ["train", "--data-root", str(prepared_small), "--num-epochs", "1", "--batch-size", "16",
+                                 "--arch", "resnet18", "--out", str(tmp_path / "run2"), "--device", "cpu"])
+    assert dashed.exit_code == 0, dashed.output
+
+
+def test_augment_and_class_weights() -> None:
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    flipped = augment_batch(images, "flip", torch.Generator().manual_seed(0))
+    draws = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        expected = images[i]
+        if draws[i, 0] < 0.5:
+            expected = expected.flip(-1)
+        if draws[i, 1] < 0.5:
+            expected = expected.flip(-2)
+        assert torch.equal(flipped[i], expected)
+    assert torch.equal(augment_batch(images, "none", torch.Generator()), images)
+    weights = class_weight_tensor(torch.tensor([0, 0, 0, 1]), "auto")
+    assert torch.allclose(weights, torch.tensor([4 / 6, 4 / 2]))
+    assert class_weight_tensor(torch.tensor([0, 1]), "none") is None
