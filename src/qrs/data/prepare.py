@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -32,14 +31,16 @@ from qrs.choices import FORMATS, RESIZE_MODES, SPLITS
 from qrs.errors import QrsError
 from qrs.data.layouts import LayoutError, Listing, Record, read_folder, read_ksdd2, read_sodf
 from qrs.data.regions import auto_roi, mask_to_boxes, pad_geometry, pixel_box_to_relative, validate_region
-from qrs.images import ImageError, read_mask, read_rgb
+from qrs.images import ImageError, encode_png, read_mask, read_rgb
 
 INDEX_COLUMNS = (
     "id", "split", "label", "source", "image", "mask", "orig_width", "orig_height", "defect_type", "roi", "defects",
 )
 FULL_ROI = [[0.0, 0.0, 1.0, 1.0]]
-PNG_COMPRESS_LEVEL = 1
-"""Fast PNG compression: the prepared images are small and read once into a cache."""
+IMAGE_COMPRESS_LEVEL = 0
+"""Prepared images are stored uncompressed: they are small, read once into a cache, and compressing
+texture costs as much as decoding the source. Masks (mostly zeros) compress fast and well."""
+MASK_COMPRESS_LEVEL = 1
 
 
 class PrepareError(QrsError):
@@ -81,12 +82,6 @@ def resize_transform(mode: str, side: int) -> str:
     )
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    path.write_bytes(buf.getvalue())
-
-
 def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
     """Decode, check, resize and stage one image; returns its row or ``{"skip": reason}``."""
     if rec.mask_required and (rec.mask is None or not rec.mask.is_file()):
@@ -117,10 +112,11 @@ def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
         roi = opts.roi_regions.get(rec.id, FULL_ROI)
     else:
         roi = FULL_ROI
-    _save_png(resize_image(rgb, opts.img_size, opts.resize), opts.staging / f"{rec.id}.png")
+    image_png = encode_png(resize_image(rgb, opts.img_size, opts.resize), compress_level=IMAGE_COMPRESS_LEVEL)
+    (opts.staging / f"{rec.id}.png").write_bytes(image_png)
     if mask is not None:
         small = resize_image(mask.astype(np.uint8) * 255, opts.img_size, opts.resize, nearest=True)
-        _save_png(small, opts.staging / f"{rec.id}_mask.png")
+        (opts.staging / f"{rec.id}_mask.png").write_bytes(encode_png(small, compress_level=MASK_COMPRESS_LEVEL))
     return {
         "id": rec.id,
         "label": label,

@@ -44,6 +44,8 @@ def validate_region(region: object) -> Region:
 def mask_to_boxes(mask: np.ndarray) -> list[list[float]]:
     """Relative bounding boxes of the 8-connected components of a boolean HxW mask."""
     h, w = mask.shape
+    if not mask.any():
+        return []
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     boxes = []
     for sl in ndimage.find_objects(labels):
