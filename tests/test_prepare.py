@@ -111,6 +111,8 @@ def test_folder_layout_defect_types_and_masks(tmp_path: Path) -> None:
     assert set(defective["defect_type"]) <= {"scratch", "spot", "crack", "dent"}
     assert (defective["mask"] != "").all()
     assert not index["source"].str.startswith("masks/").any()
+    with pytest.raises(PrepareError, match="none of the 12 masks .* give it with --mask-suffix"):
+        prepare("folder", tmp_path / "raw", tmp_path / "q", img_size=32, progress=False)
 
 
 def test_deeppcb_real_sample_with_boxes_and_official_split(tmp_path: Path) -> None:

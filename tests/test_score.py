@@ -157,6 +157,9 @@ def test_calibration_scale() -> None:
     assert calibration_scale([1.0, 3.0, 2.0]) == 2.0
     assert calibration_scale(torch.tensor([1.0, 2.0, 3.0, 10.0])) == 2.5  # even count: mean of 2 and 3
     assert calibration_scale([0.0, 4.0, 4.0]) == 4.0  # zeros among the peaks are allowed
+    assert calibration_scale([1.0, 2.0, 3.0, 4.0, 5.0], quantile=0.25) == 2.0
+    with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
+        calibration_scale([1.0], quantile=0.0)
     with pytest.raises(ValueError, match="at least one peak"):
         calibration_scale([])
     with pytest.raises(ValueError, match="all zero"):

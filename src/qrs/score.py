@@ -114,17 +114,23 @@ def qrs_details(
     }
 
 
-def calibration_scale(peaks: Tensor | Sequence[float]) -> float:
-    """The dataset-norm scale s: median of the raw-map peaks of the defective training images."""
+def calibration_scale(peaks: Tensor | Sequence[float], quantile: float = 0.5) -> float:
+    """The dataset-norm scale s: median of the raw-map peaks of the defective training images.
+
+    ``quantile`` (default 0.5, the spec's median) can place s lower in the peak distribution, so
+    that more defective parts reach the threshold (see the README, "What the numbers mean").
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"the scale quantile must be in (0, 1], got {quantile}")
     values = torch.as_tensor(peaks, dtype=torch.float64).flatten()
     if values.numel() == 0:
         raise ValueError("calibration_scale needs at least one peak (defective training images)")
     if not torch.isfinite(values).all() or (values < 0).any():
         raise ValueError("map peaks must be finite and >= 0")
-    scale = float(torch.quantile(values, 0.5))
+    scale = float(torch.quantile(values, quantile))
     if scale == 0:
         raise ValueError(
-            "the median map peak is 0: the class activation maps of the defective images are all zero "
+            f"the {quantile:g} quantile of the map peaks is 0: the class activation maps of the defective images are all zero "
             "(is the model trained?)"
         )
     return scale

@@ -227,6 +227,12 @@ def read_folder(
                     listing.skipped.append((source, "not listed in the split file"))
                     continue
             listing.records.append(rec)
+    if mask_map and listing.records and not any(r.mask for r in listing.records):
+        example = next(iter(mask_map.values())).name
+        raise LayoutError(
+            f"none of the {len(mask_map)} masks in {mask_root} matches an image's file stem (e.g. {example}); "
+            "if mask names carry a suffix after the image's stem, give it with --mask-suffix (e.g. _mask)"
+        )
     unknown = set(box_map) - {r.source for r in listing.records} - {s for s, _ in listing.skipped}
     if unknown:
         raise LayoutError(f"{boxes_csv}: boxes for images that are not in the dataset: {sorted(unknown)[:5]}")
