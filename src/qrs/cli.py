@@ -169,6 +169,65 @@ def evaluate(
         typer.echo(f"wrote {out}")
 
 
+@app.command()
+def score(
+    images: Annotated[list[Path], typer.Argument(help="Image files, or directories searched recursively for images.",
+                                                 show_default=False)],
+    model: Annotated[Path, typer.Option(help="Checkpoint; calibrated (`qrs calibrate`) for comparable QRS and risk "
+                                             "levels, else scored with per-image min-max maps.")],
+    roi: Annotated[str, typer.Option(help="Region of interest: full (whole image), auto (Otsu: the part against its "
+                                          "background) or a JSON FILE of relative boxes/polygons per image file "
+                                          "name or stem (or one list for all).")] = "full",
+    out: Annotated[Path, typer.Option(help="Directory for scores.jsonl or scores.csv, and overlays/.")] = Path("."),
+    format: Annotated[str, typer.Option("--format", help="Output format: jsonl or csv.")] = "jsonl",
+    overlay: Annotated[bool, typer.Option(help="Write a PNG per image: the heat map over the image, the ROI outline "
+                                               "and the outline of the region over the threshold.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Images per batch.")] = 16,
+    resize: Annotated[Optional[ResizeMode], typer.Option(help="How images are resized to the model's input: stretch "
+                                                              "or pad. Default: the training data's mode when its "
+                                                              "meta.json is still there, else stretch.",
+                                                         show_default=False)] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score raw images of new parts: pass/fail, p_defective, QRS, risk level, optional overlays.
+
+    Unreadable files get a row with their error and exit code 1 at the end; the others are still scored.
+    """
+    from qrs.predict import score_files
+
+    result = score_files(images, model, out=out, fmt=format, roi=roi, overlay=overlay, batch_size=batch_size,
+                         device=device, resize=resize)
+    if result.note:
+        typer.echo(f"note: {result.note}", err=True)
+    typer.echo(result.headline())
+    if result.n_errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="Checkpoint to serve.")],
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless the service must be reachable from "
+                                           "other machines.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="QRS_API_KEY", show_default=False,
+                                                   help="Require 'Authorization: Bearer KEY' on every /v1 route "
+                                                        "(health routes stay open). Default: no key.")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB (413 above).")] = 20,
+    max_batch: Annotated[int, typer.Option(help="Most images per model batch, gathered from concurrent requests.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for more requests to fill a batch.")] = 5,
+    resize: Annotated[Optional[ResizeMode], typer.Option(help="stretch or pad. Default: the training data's mode when "
+                                                              "its meta.json is still there, else stretch.",
+                                                         show_default=False)] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve the model over HTTP: POST /v1/score, GET /v1/model, /healthz, /readyz, /docs and a web page at /."""
+    from qrs.serve import run
+
+    run(model, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, device=device, resize=resize)
+
+
 def _score_options(method: str, threshold: float, norm: str, aggregation: str, compat: bool) -> "ScoreOptions":
     from qrs.extract import ScoreOptions
 

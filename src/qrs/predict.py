@@ -1,0 +1,356 @@
+"""``qrs score``: pass/fail, p_defective, QRS, risk level and overlay of raw images of new parts.
+
+A raw image is resized exactly like the prepared data the model was trained on, and its ROI (given
+relative to the original image, like ``qrs prepare``'s) is rasterised on the same square. Batches go
+through :func:`qrs.extract.score_batch`, the one scoring path, so a part gets the same numbers here,
+in the HTTP service (which uses :class:`Scorer` too) and in ``qrs extract``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from qrs import __version__
+from qrs.atomic import write_bytes, write_text
+from qrs.choices import RESIZE_MODES
+from qrs.data.prepare import FULL_ROI, resize_image
+from qrs.data.regions import Region, auto_roi, is_box, pad_geometry, rasterize, to_prepared, validate_region
+from qrs.errors import QrsError
+from qrs.extract import ScoreOptions, score_batch
+from qrs.images import ImageError, is_image_file, read_rgb
+from qrs.model import load_checkpoint, resolve_device
+from qrs.overlay import png_bytes, render_overlay
+from qrs.score import risk_level
+
+OUTPUT_FORMATS = ("jsonl", "csv")
+CSV_COLUMNS = ("file", "verdict", "prediction", "p_defective", "qrs", "risk_level", "area", "n_over", "mean_over",
+               "max_over", "peak", "norm", "overlay", "error")
+OVERLAY_MAX_SIDE = 512
+"""Longest side of an overlay PNG: big enough to see a defect, small enough to send back."""
+UNCALIBRATED_NOTE = ("the checkpoint is not calibrated (run `qrs calibrate`): QRS uses per-image min-max maps "
+                     "(norm=image), not comparable across images, and there are no risk levels")
+
+RoiSpec = Union[str, list, dict]
+"""``"full"``, ``"auto"``, regions for every image, or image name -> regions (see :func:`parse_roi`)."""
+
+
+def parse_roi(value: object, *, source: str = "roi") -> RoiSpec:
+    """Check an ROI given as ``"full"``, ``"auto"``, a list of relative regions (boxes or polygons)
+    for every image, or an object image name (file name, stem or path) -> list of regions.
+
+    A single box is accepted where a list of regions is expected. Raises QrsError naming ``source``.
+    """
+    if value in ("full", "auto"):
+        return value
+
+    def regions(item: object, where: str) -> list[Region]:
+        if isinstance(item, (list, tuple)) and item and is_box(item):
+            item = [item]
+        if not isinstance(item, (list, tuple)) or not item:
+            raise QrsError(f"{where} must be a non-empty list of boxes [x0, y0, x1, y1] or polygons "
+                           f"[[x, y], ...] relative to the image, got {item!r}"[:300])
+        try:
+            return [validate_region(r) for r in item]
+        except (TypeError, ValueError) as exc:
+            raise QrsError(f"{where}: {exc}"[:300]) from exc
+
+    if isinstance(value, dict):
+        if not value:
+            raise QrsError(f"{source} is an empty object; expected image name -> list of regions")
+        return {str(k): regions(v, f"{source}[{k!r}]") for k, v in value.items()}
+    return regions(value, source)
+
+
+def load_roi(spec: str) -> RoiSpec:
+    """``--roi``: ``full``, ``auto`` or the path of a JSON file of regions (see :func:`parse_roi`)."""
+    if spec in ("full", "auto"):
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise QrsError(f"--roi must be full, auto or a JSON file of relative regions; {spec} is no file")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QrsError(f"cannot read ROI file {path}: {exc}") from exc
+    return parse_roi(value, source=f"ROI file {path}")
+
+
+def roi_regions(spec: RoiSpec, name: str, rgb: np.ndarray) -> list[Region]:
+    """The relative ROI regions of one image: per-name entries match the name as given, the file
+    name or the stem; an image without an entry is inspected whole (as in ``qrs prepare``)."""
+    if spec == "full":
+        return FULL_ROI
+    if spec == "auto":
+        return auto_roi(rgb)
+    if isinstance(spec, list):
+        return spec
+    for key in (name, Path(name).name, Path(name).stem):
+        if key in spec:
+            return spec[key]
+    return FULL_ROI
+
+
+def training_resize(meta: dict[str, Any]) -> str:
+    """The resize mode of the model's training data.
+
+    Checkpoints do not record it, but their training dataset's ``meta.json`` does: it is used when
+    that dataset is still at the recorded path with the same hash; otherwise ``stretch`` (the
+    default of ``qrs prepare``, and the paper's).
+    """
+    root = (meta.get("train_config") or {}).get("data_root")
+    if root:
+        try:
+            data_meta = json.loads((Path(root) / "meta.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            data_meta = {}
+        if data_meta.get("dataset_hash") == meta.get("dataset_hash") and data_meta.get("resize") in RESIZE_MODES:
+            return str(data_meta["resize"])
+    return "stretch"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One raw image made ready for the model: the square input, its ROI on the same square, and
+    (for an overlay) the original image at overlay size with its relative ROI regions."""
+
+    name: str
+    image: np.ndarray
+    roi: np.ndarray
+    regions: list[Region]
+    orig_size: tuple[int, int]
+    view: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The result row of one image and, when asked for, its overlay PNG."""
+
+    row: dict[str, Any]
+    overlay_png: bytes | None = None
+
+
+class Scorer:
+    """A loaded checkpoint with everything needed to score raw images the way it was calibrated.
+
+    A calibrated checkpoint scores with its calibration's method, threshold, norm, aggregation,
+    scale and risk cuts. An uncalibrated one falls back to norm=image (``note`` says so) and has no
+    risk levels.
+    """
+
+    def __init__(self, model: nn.Module, *, resize: str | None = None) -> None:
+        meta = model.qrs_meta
+        if resize is not None and resize not in RESIZE_MODES:
+            raise QrsError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+        self.model = model
+        self.meta = meta
+        self.side = int(meta["img_size"])
+        self.resize = resize or training_resize(meta)
+        calibration = meta.get("calibration")
+        if calibration:
+            self.options = ScoreOptions(method=calibration["method"], threshold=calibration["threshold"],
+                                        norm=calibration["norm"], aggregation=calibration["aggregation"])
+            self.scale: float | None = float(calibration["scale"])
+            cuts = calibration.get("risk_cuts")
+            self.cuts = (float(cuts["low"]), float(cuts["high"])) if cuts else None
+            self.note = "" if cuts else str(calibration.get("risk_note") or "no risk cuts: no risk levels")
+        else:
+            self.options = ScoreOptions(norm="image")
+            self.scale = None
+            self.cuts = None
+            self.note = UNCALIBRATED_NOTE
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str = "auto", resize: str | None = None) -> "Scorer":
+        """Load a checkpoint onto ``device`` (auto, cpu, cuda or mps)."""
+        return cls(load_checkpoint(path, device=resolve_device(device)), resize=resize)
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to know about the model and how it scores (``GET /v1/model``)."""
+        calibration = self.meta.get("calibration") or {}
+        return {
+            "arch": self.meta["arch"],
+            "img_size": self.side,
+            "class_names": list(self.meta["class_names"]),
+            "epoch": self.meta.get("epoch"),
+            "resize": self.resize,
+            "method": self.options.method,
+            "threshold": self.options.threshold,
+            "norm": self.options.norm,
+            "aggregation": self.options.aggregation,
+            "calibrated": bool(calibration),
+            "scale": self.scale,
+            "risk_cuts": {"low": self.cuts[0], "high": self.cuts[1]} if self.cuts else None,
+            "note": self.note,
+            "qrs_version": __version__,
+            "checkpoint_qrs_version": self.meta.get("qrs_version"),
+        }
+
+    def prepare(self, name: str, rgb: np.ndarray, roi: RoiSpec = "full", *, overlay: bool = False) -> Prepared:
+        """Resize ``rgb`` (HxWx3 uint8) like the training data and rasterise its ROI on the square."""
+        height, width = rgb.shape[:2]
+        regions = roi_regions(roi, name, rgb)
+        square = rasterize([to_prepared(r, (width, height), self.resize, self.side) for r in regions],
+                           self.side, self.side)
+        view = None
+        if overlay:
+            factor = min(1.0, OVERLAY_MAX_SIDE / max(width, height))
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            view = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+        return Prepared(name, resize_image(rgb, self.side, self.resize), square, regions, (width, height), view)
+
+    @torch.inference_mode()
+    def score(self, items: Sequence[Prepared]) -> list[Scored]:
+        """Score prepared images as one batch, with an overlay for those prepared with ``overlay=True``."""
+        images = torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2)
+        roi = torch.from_numpy(np.stack([it.roi for it in items]))
+        scored = score_batch(self.model, images, roi, scale=self.scale, options=self.options)
+        out = {k: scored[k].cpu() for k in ("prediction", "p_defective", "qrs", "area", "mean_over", "max_over", "peak",
+                                            "n_over", "normalized")}
+        levels = risk_level(out["qrs"], self.cuts) if self.cuts else None
+        results = []
+        for i, item in enumerate(items):
+            row: dict[str, Any] = {
+                "file": item.name,
+                "verdict": "fail" if int(out["prediction"][i]) else "pass",
+                "prediction": int(out["prediction"][i]),
+                "p_defective": float(out["p_defective"][i]),
+                "qrs": float(out["qrs"][i]),
+            }
+            if levels is not None:
+                row["risk_level"] = levels[i]
+            row.update({k: float(out[k][i]) for k in ("area", "mean_over", "max_over", "peak")})
+            row["n_over"] = int(out["n_over"][i])
+            row["norm"] = self.options.norm
+            png = None if item.view is None else self._overlay(item, item.view, out["normalized"][i].numpy())
+            results.append(Scored(row, png))
+        return results
+
+    def _overlay(self, item: Prepared, view: np.ndarray, m: np.ndarray) -> bytes:
+        """The heat map of M over the original image (``view``, at overlay size), with the ROI outline
+        and the outline of the ROI's pixels at or over the threshold."""
+        width, height = item.orig_size
+        if self.resize == "pad":
+            scale, off_x, off_y = pad_geometry(width, height, self.side)
+            box = (off_x, off_y, off_x + width * scale, off_y + height * scale)
+        else:
+            box = (0.0, 0.0, float(self.side), float(self.side))
+        view_h, view_w = view.shape[:2]
+        m_view = np.asarray(Image.fromarray(m.astype(np.float32)).resize(
+            (view_w, view_h), Image.Resampling.BILINEAR, box=box))
+        roi = rasterize(item.regions, view_h, view_w)
+        return png_bytes(render_overlay(view, m_view, roi, roi & (m_view >= self.options.threshold)))
+
+
+def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, and the image files under directories (recursively, sorted)."""
+    files: list[Path] = []
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            files.extend(sorted(p for p in entry.rglob("*") if p.is_file() and is_image_file(p)))
+        else:
+            files.append(entry)
+    if not files:
+        raise QrsError(f"no image files in {', '.join(str(p) for p in inputs) or 'the arguments'}")
+    return files
+
+
+@dataclass
+class ScoreFilesResult:
+    """The rows (input order), the file they were written to and the number of unreadable images."""
+
+    rows: list[dict[str, Any]]
+    output: Path
+    n_errors: int
+    note: str
+
+    def headline(self) -> str:
+        """A summary line, then one line per unreadable file."""
+        verdicts = [r.get("verdict") for r in self.rows]
+        lines = [f"scored {len(self.rows) - self.n_errors} of {len(self.rows)} images: {verdicts.count('fail')} "
+                 f"fail, {verdicts.count('pass')} pass, {self.n_errors} unreadable -> {self.output}"]
+        lines += [f"unreadable {r['file']}: {r['error']}" for r in self.rows if "error" in r]
+        return "\n".join(lines)
+
+
+def _overlay_paths(files: Sequence[Path], directory: Path) -> list[Path]:
+    """One overlay PNG per input, named by its stem, with a suffix where stems repeat."""
+    used: set[str] = set()
+    paths = []
+    for file in files:
+        name, k = file.stem, 1
+        while name in used:
+            k += 1
+            name = f"{file.stem}_{k}"
+        used.add(name)
+        paths.append(directory / f"{name}.png")
+    return paths
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "jsonl":
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.PathLike[str], *,
+                out: str | os.PathLike[str] = ".", fmt: str = "jsonl", roi: str = "full", overlay: bool = False,
+                batch_size: int = 16, device: str = "auto", resize: str | None = None,
+                progress: bool = True) -> ScoreFilesResult:
+    """Score image files and directories; write ``OUT/scores.<fmt>`` (and ``OUT/overlays/*.png``).
+
+    An unreadable file gets a row with its error and the others are still scored; the caller
+    decides what the errors mean (the CLI exits with 1).
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise QrsError(f"unknown --format {fmt!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
+    if batch_size < 1:
+        raise QrsError(f"--batch-size must be >= 1, got {batch_size}")
+    files = collect_images(inputs)
+    roi_spec = load_roi(roi)
+    scorer = Scorer.load(model_path, device=device, resize=resize)
+    out = Path(out)
+    overlay_paths = _overlay_paths(files, out / "overlays") if overlay else []
+    rows: list[dict[str, Any]] = [{} for _ in files]
+    pending: list[tuple[int, Prepared]] = []
+
+    def flush() -> None:
+        for (i, _), scored in zip(pending, scorer.score([p for _, p in pending])):
+            rows[i] = scored.row
+            if scored.overlay_png is not None:
+                write_bytes(overlay_paths[i], scored.overlay_png)
+                rows[i]["overlay"] = str(overlay_paths[i])
+        bar.update(len(pending))
+        pending.clear()
+
+    with tqdm(total=len(files), desc="score", unit="img", disable=not progress) as bar:
+        for i, file in enumerate(files):
+            try:
+                pending.append((i, scorer.prepare(str(file), read_rgb(file), roi_spec, overlay=overlay)))
+            except ImageError as exc:
+                rows[i] = {"file": str(file), "error": str(exc)}
+                bar.update()
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    output = out / f"scores.{fmt}"
+    _write_rows(output, rows, fmt)
+    return ScoreFilesResult(rows, output, sum("error" in r for r in rows), scorer.note)

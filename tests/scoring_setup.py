@@ -1,0 +1,66 @@
+"""Tiny checkpoints and part images for the scoring tests (``qrs score``, the service, the web page).
+
+A random-weight resnet18 at 32 px is enough: these tests check that every path gives the same
+numbers and handles bad input, not that the model is any good.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qrs.data.prepare import resize_image
+from qrs.data.synth import render_part
+from qrs.extract import ScoreOptions, score_batch
+from qrs.model import base_meta, build_model, save_checkpoint
+from qrs.score import calibration_scale
+
+SIDE = 32
+PART_SIZE = (48, 96)
+"""(width, height) of the synthetic raw images: a tall part, like KSDD2's, only tiny."""
+RISK_CUTS = {"low": 0.02, "high": 0.25}
+
+
+def part_image(seed: int, defective: bool = True, size: tuple[int, int] = PART_SIZE) -> np.ndarray:
+    """An HxWx3 uint8 synthetic part (seeded)."""
+    image, _, _ = render_part(np.random.default_rng(seed), size, "band", defective)
+    return image
+
+
+def png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_checkpoint(path: Path, *, calibrated: bool = True, risk_cuts: dict[str, float] | None = RISK_CUTS) -> Path:
+    """A random resnet18 checkpoint at 32 px; calibrated like ``qrs calibrate`` writes it (the scale is the
+    median map peak of a few synthetic defective parts)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18").eval()
+    meta = base_meta("resnet18", SIDE)
+    if calibrated:
+        model.qrs_meta = meta
+        images = torch.from_numpy(np.stack([resize_image(part_image(s), SIDE, "stretch") for s in range(4)]))
+        peaks = score_batch(model, images.permute(0, 3, 1, 2), None, scale=None,
+                            options=ScoreOptions(norm="image"))["peak"]
+        meta["calibration"] = {"scale": calibration_scale(peaks), "method": "gradcam++", "threshold": 0.9,
+                               "norm": "dataset", "aggregation": "mass", "n_defective_train": 4,
+                               "risk_cuts": risk_cuts,
+                               "risk_note": "" if risk_cuts else "too few defective validation parts: no risk levels"}
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def bomb_png(width: int = 10_000, height: int = 6_000) -> bytes:
+    """A PNG whose header claims width x height pixels (60 megapixels by default) with almost no data."""
+    data = png(np.zeros((2, 2, 3), dtype=np.uint8))
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    chunk = b"IHDR" + ihdr
+    return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
