@@ -225,7 +225,9 @@ def test_cli_exit_codes(checkpoint: Path, parts: Path, tmp_path: Path, monkeypat
     monkeypatch.setattr(sys, "argv", ["qrs", "score", "--model", str(checkpoint), str(parts), "--format", "xml"])
     with pytest.raises(SystemExit) as exc:
         main()
-    assert exc.value.code == 2 and "unknown --format 'xml'" in capsys.readouterr().err
+    assert exc.value.code == 2 and "Invalid value for '--format'" in capsys.readouterr().err
+    with pytest.raises(QrsError, match="unknown --format 'xml'; expected one of jsonl, csv"):
+        score_files([parts / "good_0.png"], checkpoint, fmt="xml", out=tmp_path / "xml")
 
 
 def test_cli_serve_passes_options_and_reads_the_key_from_env(checkpoint: Path, monkeypatch: pytest.MonkeyPatch

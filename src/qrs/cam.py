@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import ResNet
 
+from qrs.choices import METHODS
+
 _XGRADCAM_EPS = 1e-7
 """Keeps XGrad-CAM's division by sum_ij A finite; the grad-cam package's value."""
 _COMPAT_ALPHA_EPS = 1e-6
@@ -102,8 +104,6 @@ _CAMS: dict[str, CamFunction] = {
 }
 _COMPAT_CAMS: dict[str, CamFunction] = {"gradcam++": _gradcam_pp_compat}
 """Methods whose grad-cam package formula differs from ours; the others only differ in scaling."""
-
-METHODS = tuple(_CAMS)
 
 
 def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:

@@ -12,8 +12,13 @@ ClassWeights = Literal["auto", "none"]
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 Norm = Literal["dataset", "image"]
 Aggregation = Literal["mass", "area"]
+OutputFormat = Literal["jsonl", "csv"]
 
 FORMATS: tuple[str, ...] = get_args(Format)
 SPLITS: tuple[str, ...] = get_args(Split)
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 ARCHS: tuple[str, ...] = get_args(Arch)
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+METHODS: tuple[str, ...] = get_args(Method)
+NORMS: tuple[str, ...] = get_args(Norm)
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)

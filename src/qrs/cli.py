@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from qrs.choices import Aggregation, Arch, Augment, ClassWeights, Format, Method, Norm, Pretrained, ResizeMode, Split
+from qrs.choices import (
+    Aggregation, Arch, Augment, ClassWeights, Format, Method, Norm, OutputFormat, Pretrained, ResizeMode, Split,
+)
 from qrs.errors import QrsError
 
 if TYPE_CHECKING:
@@ -70,16 +72,17 @@ def prepare(
     strict: Annotated[bool, typer.Option(help="Stop at the first bad file (exit code 2) instead of skipping it.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     good: Annotated[Optional[list[str]], typer.Option(help="folder: directory of good images, relative to --src "
-                                                         "(repeatable). [default: good]")] = None,
+                                                         "(repeatable). (default: good)")] = None,
     defect: Annotated[Optional[list[str]], typer.Option(help="folder: directory of defective images, relative to "
                                                            "--src (repeatable; subfolders name the defect type). "
-                                                           "[default: defect]")] = None,
+                                                           "(default: defect)")] = None,
     masks: Annotated[Optional[str], typer.Option(help="folder: directory of masks relative to --src, matched by "
-                                                      "file stem. [default: masks, when it exists]")] = None,
-    mask_suffix: Annotated[str, typer.Option(help="folder: suffix of a mask's stem after the image's stem, e.g. _mask.")] = "",
+                                                      "file stem. (default: masks, when it exists)")] = None,
+    mask_suffix: Annotated[str, typer.Option(help="folder: suffix of a mask's stem after the image's stem, e.g. _mask. (default: none)")] = "",
     boxes: Annotated[Optional[Path], typer.Option(help="folder: CSV of defect boxes in pixels: "
-                                                       "image,x0,y0,x1,y1[,defect_type], image relative to --src.")] = None,
-    split_file: Annotated[Optional[Path], typer.Option(help="CSV of 'id or source path, split' (train/val/test).")] = None,
+                                                       "image,x0,y0,x1,y1[,defect_type], image relative to --src. (default: none)")] = None,
+    split_file: Annotated[Optional[Path], typer.Option(help="CSV of 'id or source path, split' (train/val/test). (default: none: "
+                                                             "stratified seeded splits)")] = None,
 ) -> None:
     """Prepare a raw dataset (KSDD2, Sensum SODF or your own folders) for training.
 
@@ -110,13 +113,13 @@ def train(
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a lower validation loss.")] = 10,
     best_loss_path: Annotated[Optional[Path], typer.Option("--best_loss_path", "--best-loss-path",
                                                            help="Checkpoint of the lowest validation loss. "
-                                                                "[default: OUT/best_loss.pt]")] = None,
+                                                                "(default: OUT/best_loss.pt)")] = None,
     best_acc_path: Annotated[Optional[Path], typer.Option("--best_acc_path", "--best-acc-path",
                                                           help="Checkpoint of the highest validation accuracy. "
-                                                               "[default: OUT/best_acc.pt]")] = None,
+                                                               "(default: OUT/best_acc.pt)")] = None,
     arch: Annotated[Arch, typer.Option(help="torchvision ResNet (the paper uses resnet50).")] = "resnet50",
     pretrained: Annotated[Pretrained, typer.Option(help="Start from ImageNet weights (downloaded) or from scratch.")] = "none",
-    weights: Annotated[Optional[Path], typer.Option(help="Start from a torchvision-format state dict file.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Start from a torchvision-format state dict file. (default: none)")] = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed and data give the same checkpoint on CPU.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader worker processes.")] = 0,
@@ -129,10 +132,11 @@ def train(
                                                         "logits, so defect evidence is on a similar scale across "
                                                         "parts).")] = 0.0,
     out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
-                                                     "[default: runs/ beside the data]")] = None,
+                                                     "(default: runs/ beside the data)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
 ) -> None:
     """Train the ResNet pass/fail classifier; keep the best-loss and best-accuracy checkpoints."""
+    from qrs.distributed import is_main_process
     from qrs.train import TrainConfig, train as run_train
 
     result = run_train(TrainConfig(
@@ -142,7 +146,7 @@ def train(
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
         best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,
     ))
-    if result.history:
+    if result.history and is_main_process():
         last = result.history[-1]
         typer.echo(f"trained {len(result.history)} epochs{' (early stop)' if result.stopped_early else ''}; "
                    f"last val loss {last['val_loss']:.4f}, acc {last['val_acc']:.4f}; checkpoints: "
@@ -154,7 +158,7 @@ def evaluate(
     data_root: Annotated[Path, typer.Option("--data_root", "--data-root", help="Prepared dataset.")],
     model: Annotated[list[Path], typer.Option(help="Checkpoint to evaluate (repeatable).")],
     split: Annotated[Split, typer.Option(help="Split to evaluate on.")] = "test",
-    out: Annotated[Optional[Path], typer.Option(help="metrics.json to write (predictions.csv goes beside it).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="metrics.json to write (predictions.csv goes beside it). (default: none, print only)")] = None,
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
@@ -179,7 +183,7 @@ def score(
                                           "background) or a JSON FILE of relative boxes/polygons per image file "
                                           "name or stem (or one list for all).")] = "full",
     out: Annotated[Path, typer.Option(help="Directory for scores.jsonl or scores.csv, and overlays/.")] = Path("."),
-    format: Annotated[str, typer.Option("--format", help="Output format: jsonl or csv.")] = "jsonl",
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = "jsonl",
     overlay: Annotated[bool, typer.Option(help="Write a PNG per image: the heat map over the image, the ROI outline "
                                                "and the outline of the region over the threshold.")] = False,
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Images per batch.")] = 16,
@@ -251,6 +255,8 @@ def calibrate(
     threshold: ThresholdOpt = 0.9,
     norm: NormOpt = "dataset",
     aggregation: AggregationOpt = "mass",
+    scale_quantile: Annotated[float, typer.Option(help="Quantile of the defective training images' map peaks "
+                                                       "taken as the scale (0.5: the median, QRS_SPEC).")] = 0.5,
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size.")] = 32,
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
     device: DeviceOpt = "auto",
@@ -259,10 +265,13 @@ def calibrate(
 
     Scale: median map peak over the training split's defective images. Cuts: from the validation split.
     """
+    from qrs.distributed import is_main_process
     from qrs.extract import calibrate as run_calibrate
 
     cal = run_calibrate(model, data_root, options=_score_options(method, threshold, norm, aggregation, False),
-                        batch_size=batch_size, device=device, num_workers=num_workers)
+                        batch_size=batch_size, device=device, num_workers=num_workers, scale_quantile=scale_quantile)
+    if not is_main_process():
+        return
     cuts = cal["risk_cuts"]
     typer.echo(f"calibrated {model}: scale {cal['scale']:.6g} from {cal['n_defective_train']} defective training "
                f"images; " + (f"risk cuts low {cuts['low']:.4g}, high {cuts['high']:.4g}" if cuts else cal["risk_note"]))
@@ -274,18 +283,18 @@ def extract(
     model_path: Annotated[Path, typer.Option("--model_path", "--model-path", help="Checkpoint to explain.")],
     coords_path: Annotated[Optional[Path], typer.Option("--coords_path", "--coords-path",
                                                         help="coords.pkl/json of relative ROI/defect coordinates. "
-                                                             "[default: the prepared dataset's]")] = None,
+                                                             "(default: the prepared dataset's)")] = None,
     output_prefix: Annotated[str, typer.Option("--output_prefix", "--output-prefix",
                                                help="Prefix of the npz and csv files.")] = "gradcam_weights",
     excel_prefix: Annotated[Optional[str], typer.Option("--excel_prefix", "--excel-prefix",
-                                                        help="Prefix of the xlsx files. [default: over_<threshold>_weights]")] = None,
+                                                        help="Prefix of the xlsx files. (default: over_<threshold>_weights)")] = None,
     modes: Annotated[list[str], typer.Option(help="Splits to extract: train test (also the README's [\"train\", \"test\"]).")] = ["train", "test"],
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size (per process).")] = 32,
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
     threshold: ThresholdOpt = 0.9,
     img_size: Annotated[Optional[tuple[int, int]], typer.Option("--img_size", "--img-size",
                                                                 help="Expected image size H W (checked against the "
-                                                                     "data and the model). [default: the data's]")] = None,
+                                                                     "data and the model). (default: the data's)")] = None,
     method: MethodOpt = "gradcam++",
     norm: NormOpt = "dataset",
     aggregation: AggregationOpt = "mass",
@@ -308,8 +317,8 @@ def extract(
 @app.command()
 def analyze(
     extract_dir: Annotated[Path, typer.Option(help="Directory holding the outputs of `qrs extract`.")],
-    metrics: Annotated[Optional[Path], typer.Option(help="metrics.json of `qrs evaluate`, for the F1 table.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory. [default: EXTRACT_DIR/analysis]")] = None,
+    metrics: Annotated[Optional[Path], typer.Option(help="metrics.json of `qrs evaluate`, for the F1 table. (default: none, no F1 table)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory. (default: EXTRACT_DIR/analysis)")] = None,
     output_prefix: Annotated[str, typer.Option("--output_prefix", "--output-prefix",
                                                help="Prefix of the extract files to read.")] = "gradcam_weights",
 ) -> None:

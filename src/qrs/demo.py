@@ -33,9 +33,9 @@ class DemoConfig:
     n_test: int = 150
     defect_rate: float = 0.2
     raw_size: tuple[int, int] = (230, 630)
-    img_size: int = 160
+    img_size: int = 224
     arch: str = "resnet18"
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 1e-3
     augment: str = "flip"

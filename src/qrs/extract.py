@@ -29,7 +29,7 @@ from qrs.atomic import write_bytes, write_text, write_with
 from qrs.cam import METHODS, compute_cams
 from qrs.choices import SPLITS
 from qrs.data.dataset import PreparedDataset, SplitDataset
-from qrs.distributed import DistContext, all_gather_objects, process_group, shard_indices
+from qrs.distributed import DistContext, all_gather_objects, init_distributed, main_first, shard_indices
 from qrs.errors import QrsError
 from qrs.model import load_checkpoint, normalize, update_checkpoint_meta
 from qrs.score import AGGREGATIONS, NORMS, calibration_scale, normalize_maps, qrs_details, risk_cuts
@@ -100,6 +100,13 @@ def _gather_rows(parts: dict[str, list[Tensor]], ctx: DistContext) -> dict[str, 
     return {k: v[order] for k, v in merged.items()}
 
 
+def _build_caches(data: PreparedDataset, splits: list[str], ctx: DistContext, progress: bool) -> None:
+    """Decode the splits' image caches on rank 0 before any other rank reads them (one writer)."""
+    with main_first(ctx):
+        for split in splits:
+            data.image_cache(split, progress=progress and ctx.is_main)
+
+
 def _check_sizes(model: nn.Module, data: PreparedDataset, img_size: tuple[int, int] | None) -> None:
     trained = int(model.qrs_meta["img_size"])
     if trained != data.img_size:
@@ -124,15 +131,17 @@ def _peaks(model: nn.Module, dataset: Dataset, ctx: DistContext, options: ScoreO
 
 def calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[str], *,
               options: ScoreOptions = ScoreOptions(), batch_size: int = 32, device: str = "auto",
-              num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Compute the calibration scale (median map peak over the training split's defective images)
-    and the risk cut points (validation split), store them in the checkpoint, and return them."""
-    with process_group(device) as ctx:
-        return _calibrate(model_path, data_root, options, batch_size, num_workers, progress, ctx)
+              num_workers: int = 0, scale_quantile: float = 0.5, progress: bool = True) -> dict[str, Any]:
+    """Compute the calibration scale (median map peak over the training split's defective images,
+    or another ``scale_quantile``) and the risk cut points (validation split), store them in the
+    checkpoint, and return them."""
+    return _calibrate(model_path, data_root, options, batch_size, num_workers, progress, init_distributed(device),
+                      scale_quantile)
 
 
 def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[str], options: ScoreOptions,
-               batch_size: int, num_workers: int, progress: bool, ctx: DistContext) -> dict[str, Any]:
+               batch_size: int, num_workers: int, progress: bool, ctx: DistContext,
+               scale_quantile: float = 0.5) -> dict[str, Any]:
     model = load_checkpoint(model_path, device=ctx.device)
     data = PreparedDataset(data_root)
     _check_sizes(model, data, None)
@@ -140,12 +149,18 @@ def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[
     defective = [i for i, lab in enumerate(train.labels.tolist()) if lab == 1]
     if not defective:
         raise QrsError(f"the training split of {data.root} has no defective images: cannot calibrate")
+    has_val = bool((data.index["split"] == "val").any())
+    _build_caches(data, ["train", "val"] if has_val else ["train"], ctx, progress)
     peaks = _peaks(model, Subset(train, defective), ctx, options, batch_size, num_workers, progress)
-    scale = calibration_scale(peaks)
-    calibration: dict[str, Any] = {"scale": scale, "method": options.method, "threshold": options.threshold,
+    try:
+        scale = calibration_scale(peaks, scale_quantile)
+    except ValueError as exc:
+        raise QrsError(str(exc)) from exc
+    calibration: dict[str, Any] = {"scale": scale, "scale_quantile": scale_quantile, "method": options.method,
+                                   "threshold": options.threshold,
                                    "norm": options.norm, "aggregation": options.aggregation,
                                    "n_defective_train": len(defective), "risk_cuts": None, "risk_note": ""}
-    if (data.index["split"] == "val").any():
+    if has_val:
         rows = _score_split(model, data.split("val"), ctx, scale, options, batch_size, num_workers, progress,
                             desc="risk cuts")
         cuts = risk_cuts(rows["qrs"], rows["label"])
@@ -226,9 +241,8 @@ def extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str]
 
     Calibrates the checkpoint first when it has no calibration scale and ``norm="dataset"``.
     """
-    with process_group(device) as ctx:
-        return _extract(data_dir, model_path, list(modes), coords_path, output_prefix, excel_prefix, out_dir,
-                        options, batch_size, num_workers, img_size, progress, ctx)
+    return _extract(data_dir, model_path, list(modes), coords_path, output_prefix, excel_prefix, out_dir, options,
+                    batch_size, num_workers, img_size, progress, init_distributed(device))
 
 
 def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str], modes: list[str],
@@ -251,6 +265,7 @@ def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str
                       "(median map peak of the defective training images)")
             calibration = _calibrate(model_path, data_dir, options, batch_size, num_workers, progress, ctx)
         scale = float(calibration["scale"])
+    _build_caches(data, modes, ctx, progress)
     excel_prefix = excel_prefix or f"over_{options.threshold:g}_weights"
     out = Path(out_dir)
     files: dict[str, list[Path]] = {}

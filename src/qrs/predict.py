@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from qrs import __version__
 from qrs.atomic import write_bytes, write_text
-from qrs.choices import RESIZE_MODES
+from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
 from qrs.data.prepare import FULL_ROI, resize_image
 from qrs.data.regions import Region, auto_roi, is_box, pad_geometry, rasterize, to_prepared, validate_region
 from qrs.errors import QrsError
@@ -35,7 +35,6 @@ from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import risk_level
 
-OUTPUT_FORMATS = ("jsonl", "csv")
 CSV_COLUMNS = ("file", "verdict", "prediction", "p_defective", "qrs", "risk_level", "area", "n_over", "mean_over",
                "max_over", "peak", "norm", "overlay", "error")
 OVERLAY_MAX_SIDE = 512

@@ -195,7 +195,7 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
           f"{_fmt(q['zero_share_defective'])} / {_fmt(q['zero_share_good'])}"]
          for mode, st in stats["modes"].items() for q in [st["qrs"]]]))
     sections.append("<h2>Localisation (defective images with regions)</h2>" + _table(
-        ["split", "pointing game (15 px at 224)", "energy in defect boxes", "IoU of M &ge; &tau; with the mask"],
+        ["split", "pointing game (15 px at 224)", "energy in defect boxes", "IoU of M ≥ τ with the mask"],
         [[mode, _fmt(loc["pointing_game"]), _fmt(loc["energy_in_boxes"]), _fmt(loc["iou"])]
          for mode, st in stats["modes"].items() for loc in [st["localisation"]]]))
     sections.append("<h2>Distributions</h2><div class='plots'>" + "".join(
@@ -221,7 +221,7 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
     method = METHOD_LABELS.get(opts["method"], opts["method"])
     settings = (f"{html.escape(opts['arch'])} &middot; {method} &middot; &tau; = {opts['threshold']} &middot; "
                 f"norm {opts['norm']}{' (compat)' if opts['compat'] else ''} &middot; aggregation {opts['aggregation']}"
-                f" &middot; calibration scale {opts['scale'] if opts['scale'] is not None else '-'}")
+                f" &middot; calibration scale {_fmt_p(opts['scale'])}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>QRS report</title>
 <style>

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-NORMS = ("dataset", "image")
-AGGREGATIONS = ("mass", "area")
+from qrs.choices import AGGREGATIONS, NORMS
+
 
 
 def normalize_maps(maps: Tensor, *, norm: str = "dataset", scale: float | None = None) -> Tensor:

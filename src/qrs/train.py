@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from qrs.atomic import write_text
 from qrs.choices import Augment, ClassWeights
 from qrs.data.dataset import PreparedDataset
-from qrs.distributed import DistContext, all_gather_objects, all_reduce_sum, process_group, shard_indices
+from qrs.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers,
+                             init_distributed, main_first, shard_indices)
 from qrs.errors import QrsError
 from qrs.model import base_meta, build_model, normalize, read_checkpoint, save_checkpoint
 
@@ -182,11 +183,9 @@ def _loaders(data: PreparedDataset, cfg: TrainConfig, ctx: DistContext,
              generator: torch.Generator) -> tuple[DataLoader, DataLoader, torch.Tensor]:
     train_set = data.split("train", with_masks=False)
     val_set = data.split("val", with_masks=False)
-    if ctx.is_main:
+    with main_first(ctx):
         for split in ("train", "val"):
-            data.image_cache(split, progress=cfg.progress)
-    if ctx.distributed:
-        torch.distributed.barrier()
+            data.image_cache(split, progress=cfg.progress and ctx.is_main)
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                  seed=cfg.seed) if ctx.distributed else None
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -209,8 +208,7 @@ def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
 
 def train(cfg: TrainConfig, *, on_batch: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train per ``cfg``; ``on_batch(epoch, batch_index)`` is called before every training step."""
-    with process_group(cfg.device) as ctx:
-        return _train(cfg, ctx, on_batch)
+    return _train(cfg, init_distributed(cfg.device), on_batch)
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], None] | None) -> TrainResult:
@@ -244,7 +242,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         stopper = EarlyStopping(**state["early_stopping"])
         best, history = state["best"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["generator"][ctx.rank] if ctx.distributed else state["rng"]["generator"][0])
+        gen_states = state["rng"]["generator"]
+        if len(gen_states) == ctx.world_size:
+            generator.set_state(gen_states[ctx.rank])
+        elif ctx.is_main:
+            print(f"note: {last_path} was written by {len(gen_states)} process(es), this run has {ctx.world_size}: "
+                  "augmentation is reseeded, so the run differs from an uninterrupted one")
         start_epoch = state["meta"]["epoch"] + 1
     ddp = DistributedDataParallel(model) if ctx.distributed else model
     epochs = tqdm(range(start_epoch, cfg.num_epochs + 1), desc="train", unit="epoch", initial=start_epoch - 1,
@@ -256,6 +259,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         t0 = time.perf_counter()
         train_loss = train_one_epoch(ddp, train_loader, criterion, optimizer, scaler, meta, cfg, ctx, generator,
                                      epoch, on_batch)
+        broadcast_buffers(model, ctx)
         metrics = validate(model, val_loader, criterion, meta, ctx)
         row = {"epoch": epoch, "train_loss": train_loss, **metrics, "time_s": time.perf_counter() - t0,
                "lr": optimizer.param_groups[0]["lr"]}
@@ -279,7 +283,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         if stopped:
             break
     epochs.close()
-    if ctx.distributed:
-        torch.distributed.barrier()
+    barrier(ctx)
     return TrainResult(best_loss_path, best_acc_path, last_path, history, stopped)
 

@@ -98,8 +98,11 @@ class PreparedDataset:
 
 def load_prepared_image(path: Path, size: int) -> np.ndarray:
     """Read one prepared image, checking it has the dataset's size."""
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"))
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read prepared image {path} (corrupted or truncated?): {exc}") from exc
     if arr.shape != (size, size, 3):
         raise DatasetError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}")
     return arr
