@@ -37,8 +37,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="number of KSDD2-size images")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per row")
+    parser.add_argument("--workdir", default=None,
+                        help="where to write (default: the system temp dir); file creation cost depends on it")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench_prepare."))
+    work = Path(tempfile.mkdtemp(prefix="bench_prepare.", dir=args.workdir))
     try:
         raw = work / "raw"
         n_test = args.n // 10
@@ -49,10 +51,12 @@ def main() -> None:
             for workers in (1, 2):
                 out = work / f"out{workers}"
                 start = time.perf_counter()
-                prepare("ksdd2", raw, out, img_size=args.img_size, num_workers=workers, overwrite=True, progress=False)
+                prepare("ksdd2", raw, out, img_size=args.img_size, num_workers=workers, progress=False)
                 rows[f"qrs prepare, {workers} worker{'s' if workers > 1 else ''}"].append(time.perf_counter() - start)
+                shutil.rmtree(out)
         limit = args.n / min(rows["Pillow decode+resize (limit)"])
-        print(f"{args.n} images of 230x630 (+ masks) -> {args.img_size}x{args.img_size}, best of {args.repeats}")
+        print(f"{args.n} images of 230x630 (+ masks) -> {args.img_size}x{args.img_size}, best of {args.repeats}, "
+              f"in {work.parent}")
         print(f"{'':32} {'images/s':>9} {'x limit':>8}")
         for name, times in rows.items():
             rate = args.n / min(times)

@@ -45,7 +45,7 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
 
 
 def _open(source: str | os.PathLike[str] | bytes, max_pixels: int) -> np.ndarray:
@@ -109,8 +109,8 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     return arr > 0
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+def _png_chunk(kind: bytes, data: bytes) -> list[bytes]:
+    return [struct.pack(">I", len(data)), kind, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))]
 
 
 def encode_png(array: np.ndarray, *, compress_level: int = 0) -> bytes:
@@ -126,5 +126,5 @@ def encode_png(array: np.ndarray, *, compress_level: int = 0) -> bytes:
     rows = np.zeros((h, 1 + array[0].size), dtype=np.uint8)
     rows[:, 1:] = array.reshape(h, -1)
     header = struct.pack(">IIBBBBB", w, h, 8, 0 if array.ndim == 2 else 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level)) + _png_chunk(b"IEND", b""))
+    return b"".join([b"\x89PNG\r\n\x1a\n", *_png_chunk(b"IHDR", header),
+                     *_png_chunk(b"IDAT", zlib.compress(rows.data, compress_level)), *_png_chunk(b"IEND", b"")])
