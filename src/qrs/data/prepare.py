@@ -1,6 +1,8 @@
 """``qrs prepare``: a raw dataset -> a prepared dataset (QRS_SPEC section 7).
 
-Every image becomes an ``img_size`` square RGB PNG, every mask a nearest-neighbour resized 0/255 PNG,
+Every image becomes an ``img_size`` square RGB PNG, every mask with defect pixels a nearest-neighbour
+resized 0/255 PNG (an all-zero mask, e.g. a good KSDD2 part's, is not written: no mask file means no
+defect pixels, as for SODF negatives; on some disks creating a file costs as much as decoding one),
 and every region (ROI, defects) is kept in coordinates relative to the original image. The output is
 built in a temporary directory beside the target and renamed at the end.
 """
@@ -114,14 +116,15 @@ def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
         roi = FULL_ROI
     image_png = encode_png(resize_image(rgb, opts.img_size, opts.resize), compress_level=IMAGE_COMPRESS_LEVEL)
     (opts.staging / f"{rec.id}.png").write_bytes(image_png)
-    if mask is not None:
+    has_mask = mask is not None and bool(mask.any())
+    if has_mask:
         small = resize_image(mask.astype(np.uint8) * 255, opts.img_size, opts.resize, nearest=True)
         (opts.staging / f"{rec.id}_mask.png").write_bytes(encode_png(small, compress_level=MASK_COMPRESS_LEVEL))
     return {
         "id": rec.id,
         "label": label,
         "source": rec.source,
-        "has_mask": mask is not None,
+        "has_mask": has_mask,
         "orig_width": width,
         "orig_height": height,
         "defect_type": rec.defect_type,
