@@ -8,14 +8,22 @@ measurements per batch size, in images per second (best of --repeats timed passe
   (c) gradcam pytorch_grad_cam.GradCAMPlusPlus on model.layer4, ClassifierOutputTarget(1).
 
 Targets: ours/plain >= 0.9 (maps at the cost of one forward pass), ours/gradcam >= 3.
+
+With --extract-images N (0 to skip) it also runs ``qrs extract`` end to end (data loading, maps,
+QRS, localisation, npz/csv/xlsx) on N prepared synthetic images with the same resnet50, against
+(a) on the same images read from the same cache. Target: extract/plain >= 0.8.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from pytorch_grad_cam import GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -23,6 +31,11 @@ from torch import Tensor, nn
 from torchvision.models import resnet50
 
 from qrs.cam import compute_cams
+from qrs.data.dataset import PreparedDataset
+from qrs.data.prepare import prepare
+from qrs.data.synth import synthesize
+from qrs.extract import ScoreOptions, extract
+from qrs.model import base_meta, load_checkpoint, normalize, save_checkpoint, update_checkpoint_meta
 from qrs.score import calibration_scale, quality_risk_score
 
 
@@ -75,6 +88,38 @@ def bench_batch_size(
         return images_per_second({"plain": plain, "ours": ours, "gradcam": package}, batches, repeats, device)
 
 
+def bench_extract(model: nn.Module, n_images: int, img_size: int, batch_size: int, device: str) -> dict[str, float]:
+    """Images/s of ``qrs extract`` end to end and of a plain forward pass over the same images."""
+    work = Path(tempfile.mkdtemp(prefix="bench_cam."))
+    try:
+        synthesize(work / "raw", "ksdd2", n_train=n_images, n_test=max(2, n_images // 20), seed=0)
+        data = prepare("ksdd2", work / "raw", work / "data", img_size=img_size, val_fraction=0.0, progress=False)
+        path = work / "model.pt"
+        save_checkpoint(path, model, base_meta("resnet50", img_size))
+        update_checkpoint_meta(path, calibration={"scale": 1.0, "method": "gradcam++"})
+        cache = data.image_cache("train", progress=False)
+        n = len(cache)
+        loaded = load_checkpoint(path, device=device)
+
+        def plain_pass(stop: int) -> None:
+            with torch.inference_mode():
+                for i in range(0, stop, batch_size):
+                    batch = torch.from_numpy(np.array(cache[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
+                    loaded(normalize(batch, loaded.qrs_meta))
+            _sync(device)
+
+        plain_pass(batch_size)
+        start = time.perf_counter()
+        plain_pass(n)
+        plain = n / (time.perf_counter() - start)
+        start = time.perf_counter()
+        extract(work / "data", path, modes=["train"], out_dir=work / "out", options=ScoreOptions(),
+                batch_size=batch_size, device=device, progress=False)
+        return {"n": n, "plain": plain, "extract": n / (time.perf_counter() - start)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,6 +130,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    parser.add_argument("--extract-images", type=int, default=1000,
+                        help="prepared images for the end-to-end extract row (0: skip it)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -104,6 +151,10 @@ def main() -> None:
             f"{batch_size:>5} {r['plain']:>12.1f} {r['ours']:>11.1f} {r['gradcam']:>15.1f} "
             f"{r['ours'] / r['plain']:>11.2f} {r['ours'] / r['gradcam']:>14.2f}"
         )
+    if args.extract_images > 0:
+        e = bench_extract(model, args.extract_images, args.img_size, 16, args.device)
+        print(f"qrs extract end to end, {e['n']:.0f} prepared images, batch 16: plain {e['plain']:.1f} img/s, "
+              f"extract {e['extract']:.1f} img/s, extract/plain {e['extract'] / e['plain']:.2f}")
 
 
 if __name__ == "__main__":
