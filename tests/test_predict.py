@@ -22,7 +22,8 @@ from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
 from qrs.images import read_rgb
 from qrs.model import load_checkpoint
-from qrs.predict import CSV_COLUMNS, OVERLAY_MAX_SIDE, Scorer, parse_roi, score_files, training_resize
+from qrs.data.regions import parse_roi
+from qrs.predict import CSV_COLUMNS, OVERLAY_MAX_SIDE, Scorer, score_files, training_resize
 from qrs.score import risk_level
 from scoring_setup import PART_SIZE, RISK_CUTS, SIDE, make_checkpoint, part_image, png
 

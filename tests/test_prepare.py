@@ -21,6 +21,7 @@ from qrs.data.dataset import PreparedDataset
 from qrs.data.prepare import INDEX_COLUMNS, PrepareError, prepare
 from qrs.data.regions import rasterize, to_prepared
 from qrs.data.synth import synthesize
+from qrs.errors import QrsError
 
 from conftest import DEEPPCB, SMALL_SIZE
 
@@ -319,7 +320,7 @@ def test_roi_file_regions_are_used_and_validated(ksdd2_raw: Path, tmp_path: Path
     assert rois["10000"] == [[0.1, 0.0, 0.9, 1.0]] and rois["10001"] == [[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]]
     assert rois["10005"] == [[0.0, 0.0, 1.0, 1.0]]
     roi_file.write_text(json.dumps({"10000": [[0.5, 0.0, 0.1, 1.0]]}))
-    with pytest.raises(PrepareError, match="x0 >= x1"):
+    with pytest.raises(QrsError, match=r"ROI file .*\['10000'\]: box .* has x0 >= x1"):
         prepare("ksdd2", ksdd2_raw, tmp_path / "q", img_size=24, roi=str(roi_file), progress=False)
 
 

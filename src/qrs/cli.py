@@ -63,7 +63,7 @@ def prepare(
     img_size: Annotated[int, typer.Option(help="Side of the square prepared images, in pixels.")] = 224,
     resize: Annotated[ResizeMode, typer.Option(help="stretch (the paper's) or pad (keep the aspect ratio, letterbox).")] = "stretch",
     roi: Annotated[str, typer.Option(help="Region of interest: full (whole image), auto (Otsu: the part against "
-                                          "its background) or a JSON FILE of relative boxes/polygons per image id.")] = "full",
+                                          "its background) or a JSON FILE of relative boxes/polygons per image id (or one list for every image).")] = "full",
     val_fraction: Annotated[float, typer.Option(help="Share of the training images held out for validation "
                                                       "(stratified, seeded).")] = 0.2,
     test_fraction: Annotated[float, typer.Option(help="Share held out for testing, for layouts without a test split.")] = 0.15,

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from qrs import __version__
 from qrs.atomic import write_bytes, write_text
 from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
-from qrs.data.prepare import FULL_ROI, resize_image
-from qrs.data.regions import Region, auto_roi, is_box, pad_geometry, rasterize, to_prepared, validate_region
+from qrs.data.prepare import resize_image
+from qrs.data.regions import RoiSpec, load_roi, pad_geometry, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
 from qrs.images import ImageError, is_image_file, read_rgb
@@ -41,66 +41,6 @@ OVERLAY_MAX_SIDE = 512
 """Longest side of an overlay PNG: big enough to see a defect, small enough to send back."""
 UNCALIBRATED_NOTE = ("the checkpoint is not calibrated (run `qrs calibrate`): QRS uses per-image min-max maps "
                      "(norm=image), not comparable across images, and there are no risk levels")
-
-RoiSpec = Union[str, list, dict]
-"""``"full"``, ``"auto"``, regions for every image, or image name -> regions (see :func:`parse_roi`)."""
-
-
-def parse_roi(value: object, *, source: str = "roi") -> RoiSpec:
-    """Check an ROI given as ``"full"``, ``"auto"``, a list of relative regions (boxes or polygons)
-    for every image, or an object image name (file name, stem or path) -> list of regions.
-
-    A single box is accepted where a list of regions is expected. Raises QrsError naming ``source``.
-    """
-    if value in ("full", "auto"):
-        return value
-
-    def regions(item: object, where: str) -> list[Region]:
-        if isinstance(item, (list, tuple)) and item and is_box(item):
-            item = [item]
-        if not isinstance(item, (list, tuple)) or not item:
-            raise QrsError(f"{where} must be a non-empty list of boxes [x0, y0, x1, y1] or polygons "
-                           f"[[x, y], ...] relative to the image, got {item!r}"[:300])
-        try:
-            return [validate_region(r) for r in item]
-        except (TypeError, ValueError) as exc:
-            raise QrsError(f"{where}: {exc}"[:300]) from exc
-
-    if isinstance(value, dict):
-        if not value:
-            raise QrsError(f"{source} is an empty object; expected image name -> list of regions")
-        return {str(k): regions(v, f"{source}[{k!r}]") for k, v in value.items()}
-    return regions(value, source)
-
-
-def load_roi(spec: str) -> RoiSpec:
-    """``--roi``: ``full``, ``auto`` or the path of a JSON file of regions (see :func:`parse_roi`)."""
-    if spec in ("full", "auto"):
-        return spec
-    path = Path(spec)
-    if not path.is_file():
-        raise QrsError(f"--roi must be full, auto or a JSON file of relative regions; {spec} is no file")
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QrsError(f"cannot read ROI file {path}: {exc}") from exc
-    return parse_roi(value, source=f"ROI file {path}")
-
-
-def roi_regions(spec: RoiSpec, name: str, rgb: np.ndarray) -> list[Region]:
-    """The relative ROI regions of one image: per-name entries match the name as given, the file
-    name or the stem; an image without an entry is inspected whole (as in ``qrs prepare``)."""
-    if spec == "full":
-        return FULL_ROI
-    if spec == "auto":
-        return auto_roi(rgb)
-    if isinstance(spec, list):
-        return spec
-    for key in (name, Path(name).name, Path(name).stem):
-        if key in spec:
-            return spec[key]
-    return FULL_ROI
-
 
 def training_resize(meta: dict[str, Any]) -> str:
     """The resize mode of the model's training data.

@@ -37,7 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from qrs import __version__
 from qrs.errors import QrsError
 from qrs.images import read_rgb
-from qrs.predict import Prepared, RoiSpec, Scored, Scorer, parse_roi
+from qrs.data.regions import RoiSpec, parse_roi
+from qrs.predict import Prepared, Scored, Scorer
 
 ACCEPTED_PART_TYPES = ("image/", "application/octet-stream")
 """Content types accepted for an uploaded file (besides none at all)."""

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from qrs.atomic import atomic_path
 from qrs.choices import SPLITS
-from qrs.data.regions import rasterize, to_prepared
+from qrs.data.regions import FULL_ROI, rasterize, to_prepared
 from qrs.errors import QrsError
 
 
@@ -138,7 +138,7 @@ class SplitDataset(Dataset):
             entry = self.coords.get(row["id"])
             if entry is None:
                 raise DatasetError(f"coordinates file has no entry for image id {row['id']!r}")
-            return entry.get("roi") or [[0.0, 0.0, 1.0, 1.0]], entry.get("defects") or []
+            return entry.get("roi") or FULL_ROI, entry.get("defects") or []
         return row["roi"], row["defects"]
 
     def masks(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -32,13 +32,12 @@ from qrs.atomic import atomic_dir
 from qrs.choices import FORMATS, RESIZE_MODES, SPLITS
 from qrs.errors import QrsError
 from qrs.data.layouts import LayoutError, Listing, Record, read_folder, read_ksdd2, read_sodf
-from qrs.data.regions import auto_roi, mask_to_boxes, pad_geometry, pixel_box_to_relative, validate_region
+from qrs.data.regions import RoiSpec, load_roi, mask_to_boxes, pad_geometry, pixel_box_to_relative, roi_regions
 from qrs.images import ImageError, encode_png, read_mask, read_rgb
 
 INDEX_COLUMNS = (
     "id", "split", "label", "source", "image", "mask", "orig_width", "orig_height", "defect_type", "roi", "defects",
 )
-FULL_ROI = [[0.0, 0.0, 1.0, 1.0]]
 IMAGE_COMPRESS_LEVEL = 0
 """Prepared images are stored uncompressed: they are small, read once into a cache, and compressing
 texture costs as much as decoding the source. Masks (mostly zeros) compress fast and well."""
@@ -55,8 +54,7 @@ class PrepareOptions:
 
     img_size: int
     resize: str
-    roi: str
-    roi_regions: dict[str, list] | None
+    roi: RoiSpec
     staging: Path
 
 
@@ -108,12 +106,7 @@ def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
         defects = mask_to_boxes(mask)
     else:
         defects = []
-    if opts.roi == "auto":
-        roi = auto_roi(rgb)
-    elif opts.roi_regions is not None:
-        roi = opts.roi_regions.get(rec.id, FULL_ROI)
-    else:
-        roi = FULL_ROI
+    roi = roi_regions(opts.roi, rec.id, rgb)
     image_png = encode_png(resize_image(rgb, opts.img_size, opts.resize), compress_level=IMAGE_COMPRESS_LEVEL)
     (opts.staging / f"{rec.id}.png").write_bytes(image_png)
     has_mask = mask is not None and bool(mask.any())
@@ -170,19 +163,6 @@ def assign_splits(rows: list[dict[str, Any]], val_fraction: float, test_fraction
                 r["split"] = "val"
 
 
-def _load_roi_file(path: Path) -> dict[str, list]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PrepareError(f"cannot read ROI file {path}: {exc}") from exc
-    if not isinstance(data, dict) or not data:
-        raise PrepareError(f"ROI file {path} must be a non-empty JSON object: image id -> list of boxes or polygons")
-    try:
-        return {str(k): [validate_region(r) for r in (v if isinstance(v, list) else [v])] for k, v in data.items()}
-    except ValueError as exc:
-        raise PrepareError(f"ROI file {path}: {exc}") from exc
-
-
 def list_records(fmt: str, src: Path, **folder_options: Any) -> Listing:
     """Run the reader for ``fmt`` on ``src``."""
     if fmt == "ksdd2":
@@ -231,9 +211,7 @@ def prepare(
         raise PrepareError(f"source directory {src} does not exist")
     if out.exists() and not overwrite:
         raise PrepareError(f"{out} already exists; use --overwrite to replace it")
-    roi_regions = None
-    if roi not in ("full", "auto"):
-        roi_regions = _load_roi_file(Path(roi))
+    roi_spec = load_roi(roi)
     try:
         listing = list_records(
             fmt, src, good=good, defect=defect, masks=masks, mask_suffix=mask_suffix,
@@ -250,8 +228,7 @@ def prepare(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         staging = tmp / "_staging"
         staging.mkdir()
-        opts = PrepareOptions(img_size, resize, "auto" if roi == "auto" else "file" if roi_regions else "full",
-                              roi_regions, staging)
+        opts = PrepareOptions(img_size, resize, roi_spec, staging)
         rows, skipped = _run(listing.records, opts, num_workers, strict, progress)
         skipped = listing.skipped + skipped
         counts = Counter(r["label"] for r in rows)

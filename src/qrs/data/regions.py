@@ -8,7 +8,10 @@ or top edge and 1 the right or bottom edge. Boxes use pixel edges: a mask pixel 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
 
 import numpy as np
 from matplotlib.path import Path as MplPath
@@ -17,8 +20,11 @@ from scipy.spatial import ConvexHull
 from skimage.filters import threshold_otsu
 
 from qrs.choices import RESIZE_MODES, ResizeMode
+from qrs.errors import QrsError
 
 Region = list  # a box [x0, y0, x1, y1] or a polygon [[x, y], ...]
+FULL_ROI: list[Region] = [[0.0, 0.0, 1.0, 1.0]]
+"""The whole image: the default region of interest."""
 
 
 
@@ -146,3 +152,63 @@ def mask_to_hull(mask: np.ndarray) -> Region:
         return mask_to_boxes(mask)[0]
     hull = ConvexHull(corners)
     return [[float(x) / w, float(y) / h] for x, y in corners[hull.vertices]]
+
+
+RoiSpec = Union[str, list, dict]
+"""``"full"``, ``"auto"``, regions for every image, or image name -> regions (see :func:`parse_roi`)."""
+
+
+def parse_roi(value: object, *, source: str = "roi") -> RoiSpec:
+    """Check an ROI given as ``"full"``, ``"auto"``, a list of relative regions (boxes or polygons)
+    for every image, or an object image name (file name, stem or path) -> list of regions.
+
+    A single box is accepted where a list of regions is expected. Raises QrsError naming ``source``.
+    """
+    if value in ("full", "auto"):
+        return value
+
+    def regions(item: object, where: str) -> list[Region]:
+        if isinstance(item, (list, tuple)) and item and is_box(item):
+            item = [item]
+        if not isinstance(item, (list, tuple)) or not item:
+            raise QrsError(f"{where} must be a non-empty list of boxes [x0, y0, x1, y1] or polygons "
+                           f"[[x, y], ...] relative to the image, got {item!r}"[:300])
+        try:
+            return [validate_region(r) for r in item]
+        except (TypeError, ValueError) as exc:
+            raise QrsError(f"{where}: {exc}"[:300]) from exc
+
+    if isinstance(value, dict):
+        if not value:
+            raise QrsError(f"{source} is an empty object; expected image name -> list of regions")
+        return {str(k): regions(v, f"{source}[{k!r}]") for k, v in value.items()}
+    return regions(value, source)
+
+
+def load_roi(spec: str) -> RoiSpec:
+    """``--roi``: ``full``, ``auto`` or the path of a JSON file of regions (see :func:`parse_roi`)."""
+    if spec in ("full", "auto"):
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise QrsError(f"--roi must be full, auto or a JSON file of relative regions; {spec} is no file")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QrsError(f"cannot read ROI file {path}: {exc}") from exc
+    return parse_roi(value, source=f"ROI file {path}")
+
+
+def roi_regions(spec: RoiSpec, name: str, rgb: np.ndarray) -> list[Region]:
+    """The relative ROI regions of one image: per-name entries match the name as given, the file
+    name or the stem; an image without an entry is inspected whole (as in ``qrs prepare``)."""
+    if spec == "full":
+        return FULL_ROI
+    if spec == "auto":
+        return auto_roi(rgb)
+    if isinstance(spec, list):
+        return spec
+    for key in (name, Path(name).name, Path(name).stem):
+        if key in spec:
+            return spec[key]
+    return FULL_ROI
