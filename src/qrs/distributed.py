@@ -115,15 +115,6 @@ def all_gather_objects(obj: object, ctx: DistContext) -> list[object]:
     return out
 
 
-def broadcast_object(obj: object, ctx: DistContext) -> object:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op on one process)."""
     if not ctx.distributed:
