@@ -334,8 +334,10 @@ def demo(
     out: Annotated[Path, typer.Option(help="Directory for everything the demo writes.")] = Path("demo-out"),
     overwrite: Annotated[bool, typer.Option(help="Start again in an existing OUT.")] = False,
 ) -> None:
-    """Run the whole pipeline on built-in synthetic data: synth, prepare, train, evaluate, calibrate,
-    extract, analyze."""
+    """Run the whole pipeline on built-in synthetic data (what `make demo` runs).
+
+    synth, prepare, train, evaluate, calibrate, extract, analyze; an interrupted demo continues.
+    """
     from qrs.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
