@@ -10,7 +10,7 @@ import base64
 import html
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from qrs.cam import upsample
 from qrs.choices import SPLITS
 from qrs.data.dataset import PreparedDataset
 from qrs.errors import QrsError
+from qrs.extract import ScoreOptions
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import normalize_maps
 
@@ -145,6 +146,7 @@ def _gallery_cards(mo: ModeOutputs, picks: pd.DataFrame, data: PreparedDataset |
     split = data.split(mo.mode)
     position = {i: k for k, i in enumerate(split.rows["id"])}
     opts = mo.options
+    norm = ScoreOptions(**{f.name: opts[f.name] for f in fields(ScoreOptions)}).effective_norm
     cards = []
     for _, row in picks.iterrows():
         k = position.get(row["id"])
@@ -154,7 +156,6 @@ def _gallery_cards(mo: ModeOutputs, picks: pd.DataFrame, data: PreparedDataset |
         rgb = item["image"].permute(1, 2, 0).numpy()
         raw = torch.from_numpy(mo.raw_maps[mo.rows.index.get_loc(row.name)][None])
         maps = upsample(raw, (data.img_size, data.img_size))
-        norm = "image" if opts["compat"] or opts["scale"] is None else opts["norm"]
         m = normalize_maps(maps, norm=norm, scale=opts["scale"])[0].numpy()
         roi = item["roi"].numpy()
         overlay = render_overlay(rgb, m, roi, (m >= opts["threshold"]) & roi)
