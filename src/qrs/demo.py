@@ -66,14 +66,13 @@ def run_demo(out: str | os.PathLike[str] = "demo-out", *, overwrite: bool = Fals
         prepare("ksdd2", raw, data, img_size=config.img_size, seed=config.seed, overwrite=True, progress=progress)
     print(PreparedDataset(data).summary())
 
-    cfg = TrainConfig(data_root=data, out=run, arch=config.arch, num_epochs=config.epochs,
-                      batch_size=config.batch_size, learning_rate=config.learning_rate, patience=config.epochs,
-                      augment=config.augment, seed=config.seed, progress=progress)
     last = run / "last.pt"
     trained = last.is_file() and read_checkpoint(last)["meta"]["epoch"] >= config.epochs
     _step(f"train {config.arch} from scratch, {config.epochs} epochs at {config.img_size} px -> {run}", trained)
     if not trained:
-        train(TrainConfig(**{**cfg.__dict__, "resume": last.is_file()}))
+        train(TrainConfig(data_root=data, out=run, arch=config.arch, num_epochs=config.epochs,
+                          batch_size=config.batch_size, learning_rate=config.learning_rate, patience=config.epochs,
+                          augment=config.augment, seed=config.seed, resume=last.is_file(), progress=progress))
 
     _step("evaluate best_loss.pt and best_acc.pt on the test split")
     metrics_path = run / "metrics.json"
