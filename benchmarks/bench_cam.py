@@ -32,7 +32,7 @@ from torchvision.models import resnet50
 
 from qrs.cam import compute_cams
 from qrs.data.dataset import PreparedDataset
-from qrs.data.prepare import prepare
+from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.extract import ScoreOptions, extract
 from qrs.model import base_meta, load_checkpoint, normalize, save_checkpoint, update_checkpoint_meta

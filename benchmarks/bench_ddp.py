@@ -56,7 +56,7 @@ def _worker(args: argparse.Namespace) -> None:
 def _prepare(work: Path, n_images: int, size: int, seed: int) -> None:
     """Synthetic data prepared at ``size`` px, its image caches, and a calibrated random resnet18."""
     from qrs.data.dataset import PreparedDataset
-    from qrs.data.prepare import prepare
+    from qrs.data.preparation import prepare
     from qrs.data.synth import synthesize
     from qrs.extract import calibrate
     from qrs.model import base_meta, build_model, save_checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from qrs.data.prepare import prepare
+from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qrs.data.dataset import PreparedDataset
-from qrs.data.prepare import prepare
+from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.distributed import DistContext
 from qrs.model import base_meta, build_model

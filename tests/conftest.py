@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qrs.data.prepare import prepare
+from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

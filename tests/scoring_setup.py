@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qrs.data.prepare import resize_image
 from qrs.data.synth import render_part
 from qrs.extract import ScoreOptions, score_batch
+from qrs.images import resize_image
 from qrs.model import base_meta, build_model, save_checkpoint
 from qrs.score import calibration_scale
 

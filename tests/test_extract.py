@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from qrs.cam import compute_cams
 from qrs.cli import app
 from qrs.data.dataset import PreparedDataset
-from qrs.data.prepare import prepare
+from qrs.data.preparation import prepare
 from qrs.errors import QrsError
 from qrs.extract import ROW_COLUMNS, ScoreOptions, calibrate, extract, parse_modes
 from qrs.model import base_meta, build_model, load_checkpoint, normalize, read_checkpoint, save_checkpoint

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qrs.images import ImageError, encode_png, read_mask, read_rgb
+from qrs.images import ImageError, encode_png, open_mask, read_rgb
 
 
 def test_encode_png_round_trips_through_pillow() -> None:
@@ -53,8 +53,17 @@ def test_bad_files_raise_readable_errors(tmp_path: Path) -> None:
         read_rgb(good.getvalue(), max_pixels=100)
 
 
-def test_read_mask_any_nonzero_is_foreground(tmp_path: Path) -> None:
+def test_open_mask_any_nonzero_is_foreground(tmp_path: Path) -> None:
     Image.fromarray(np.array([[0, 1], [0, 255]], np.uint8)).save(tmp_path / "m.png")
     Image.fromarray(np.array([[0, 300], [0, 0]], np.uint16)).save(tmp_path / "m16.png")
-    assert read_mask(tmp_path / "m.png").tolist() == [[False, True], [False, True]]
-    assert read_mask(tmp_path / "m16.png").tolist() == [[False, True], [False, False]]
+    Image.fromarray(np.array([[[0, 0, 1], [0, 0, 0]]], np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.array([[True, False]])).save(tmp_path / "bilevel.png")
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "empty.png")
+    for name, want in (("m.png", [[0, 255], [0, 255]]), ("m16.png", [[0, 255], [0, 0]]), ("rgb.png", [[255, 0]]),
+                       ("bilevel.png", [[255, 0]])):
+        mask = open_mask(tmp_path / name)
+        assert mask.mode == "L" and np.asarray(mask).tolist() == want, name
+    assert open_mask(tmp_path / "m.png").getbbox() == (1, 0, 2, 2)
+    assert open_mask(tmp_path / "empty.png").getbbox() is None
+    with pytest.raises(ImageError, match="no such file"):
+        open_mask(tmp_path / "missing.png")

@@ -16,11 +16,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qrs.cli import app, main
-from qrs.data.prepare import resize_image
 from qrs.data.regions import rasterize, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
-from qrs.images import read_rgb
+from qrs.images import read_rgb, resize_image
 from qrs.model import load_checkpoint
 from qrs.data.regions import parse_roi
 from qrs.predict import CSV_COLUMNS, OVERLAY_MAX_SIDE, Scorer, score_files, training_resize

@@ -6,6 +6,8 @@ import csv
 import json
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,9 @@ from skimage.measure import label, regionprops
 from typer.testing import CliRunner
 
 from qrs.cli import app, main
-from qrs.data import prepare as prepare_module
+from qrs.data import preparation as prepare_module
 from qrs.data.dataset import PreparedDataset
-from qrs.data.prepare import INDEX_COLUMNS, PrepareError, prepare
+from qrs.data.preparation import INDEX_COLUMNS, PrepareError, prepare
 from qrs.data.regions import rasterize, to_prepared
 from qrs.data.synth import synthesize
 from qrs.errors import QrsError
@@ -339,3 +341,16 @@ def test_help_shows_every_option_with_its_default() -> None:
                             ("--good", "good"), ("--defect", "defect"), ("--masks", "masks, when it exists"),
                             ("--num-workers", "1"), ("--format", "ksdd2")):
         assert f"default: {default}" in blocks[option], blocks[option]
+
+
+def test_package_api_names_resolve_in_a_fresh_interpreter() -> None:
+    """``qrs.data.prepare`` is the function (not a module of that name) however it is first reached."""
+    code = (
+        "import qrs.data, inspect\n"
+        "from qrs.data import PrepareError, PreparedDataset, prepare\n"
+        "import qrs.data.preparation\n"
+        "assert qrs.data.prepare is prepare and inspect.isfunction(prepare), qrs.data.prepare\n"
+        "print(prepare.__module__, PreparedDataset.__module__, PrepareError.__mro__[1].__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["qrs.data.preparation", "qrs.data.dataset", "QrsError"]

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from skimage.measure import label, regionprops
 
 from qrs.data.regions import (
-    auto_roi, mask_to_boxes, pad_geometry, pixel_box_to_relative, rasterize, to_prepared, validate_region,
+    auto_roi, mask_to_boxes, pixel_box_to_relative, rasterize, to_prepared, validate_region,
 )
+from qrs.images import pad_geometry
 
 
 def test_mask_to_boxes_uses_pixel_edges_and_8_connectivity() -> None:

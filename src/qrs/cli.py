@@ -89,7 +89,7 @@ def prepare(
     Writes square RGB images, masks, relative ROI/defect coordinates, an index with stratified
     splits, and metadata.
     """
-    from qrs.data.prepare import prepare as run_prepare
+    from qrs.data.preparation import prepare as run_prepare
 
     ds = run_prepare(
         format, src, out, img_size=img_size, resize=resize, roi=roi, val_fraction=val_fraction,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrs.data.dataset import PreparedDataset
-from qrs.data.prepare import prepare
+from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.evaluate import evaluate, format_table
 from qrs.extract import ScoreOptions, calibrate, extract

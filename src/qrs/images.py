@@ -28,8 +28,8 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _to_rgb8(img: Image.Image) -> np.ndarray:
-    """Convert any Pillow image (1/L/P/RGB/RGBA/I;16/I/F) to an HxWx3 uint8 array."""
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow image (1/L/P/RGB/RGBA/I;16/I/F) to 8-bit RGB, staying in Pillow for 8-bit modes."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16"):
@@ -39,16 +39,15 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
         else:
             lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _open(source: str | os.PathLike[str] | bytes, max_pixels: int) -> np.ndarray:
+def _open(source: str | os.PathLike[str] | bytes, max_pixels: int) -> Image.Image:
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -61,7 +60,7 @@ def _open(source: str | os.PathLike[str] | bytes, max_pixels: int) -> np.ndarray
                         f"{max_pixels / 1e6:.0f} (possible decompression bomb)"
                     )
                 img.load()
-                return _to_rgb8(img)
+                return _to_rgb(img)
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -72,22 +71,32 @@ def _open(source: str | os.PathLike[str] | bytes, max_pixels: int) -> np.ndarray
             raise ImageError(f"unreadable or truncated image: {exc}") from exc
 
 
-def read_rgb(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read a file path or encoded bytes as an HxWx3 uint8 RGB array.
+def open_rgb(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read a file path or encoded bytes as a loaded 8-bit RGB Pillow image.
 
     Grayscale, RGB, RGBA (composited on black), palette and 16-bit inputs are accepted.
-    Raises :class:`ImageError` with a human-readable reason for anything else.
+    Raises :class:`ImageError` with a human-readable reason for anything else. ``qrs prepare``
+    resizes the result in Pillow: a full-size numpy copy would cost a tenth of the decode.
     """
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise ImageError(f"no such file: {source}")
     return _open(source, max_pixels)
 
 
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a mask file as an HxW boolean array (any non-zero pixel is foreground).
+def read_rgb(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """:func:`open_rgb` as an HxWx3 uint8 array."""
+    return np.asarray(open_rgb(source, max_pixels=max_pixels))
 
-    8/16-bit grayscale and bilevel masks are read as they are (no RGB conversion: masks are many);
-    colour and palette masks count a pixel as foreground when any channel is non-zero.
+
+_FOREGROUND_LUT = [0] + [255] * 255
+
+
+def open_mask(path: str | os.PathLike[str]) -> Image.Image:
+    """Read a mask file as an ``L`` image with 255 where any channel is non-zero and 0 elsewhere.
+
+    8-bit grayscale and bilevel masks (the usual kinds) are mapped with a lookup table in Pillow;
+    16-bit, colour and palette masks go through numpy. ``getbbox()`` of the result is ``None``
+    exactly when the mask is empty.
     """
     if not Path(path).is_file():
         raise ImageError(f"no such file: {path}")
@@ -95,9 +104,10 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"mask is {img.width}x{img.height}, over the {MAX_PIXELS / 1e6:.0f} megapixel limit")
-            if img.mode == "P":
-                img = img.convert("RGB")
-            arr = np.asarray(img)
+            if img.mode in ("1", "L"):
+                gray = img if img.mode == "L" else img.convert("L")
+                return gray if gray.getbbox() is None else gray.point(_FOREGROUND_LUT)
+            arr = np.asarray(img.convert("RGB") if img.mode == "P" else img)
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -106,7 +116,28 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageError(f"unreadable or truncated image: {exc}") from exc
     if arr.ndim == 3:
         arr = arr[:, :, :3].max(axis=2)
-    return arr > 0
+    return Image.fromarray(np.where(arr > 0, 255, 0).astype(np.uint8))
+
+
+def pad_geometry(width: int, height: int, side: int) -> tuple[float, float, float]:
+    """Scale and offsets (scale, off_x, off_y) of the ``pad`` resize into a ``side`` square."""
+    scale = side / max(width, height)
+    return scale, (side - width * scale) / 2.0, (side - height * scale) / 2.0
+
+
+def resize_image(image: np.ndarray | Image.Image, side: int, mode: str, *, nearest: bool = False) -> np.ndarray:
+    """Resize an image (HxWxC or HxW uint8 array, or a Pillow image) to a ``side`` x ``side`` uint8
+    array by ``stretch`` or ``pad`` (letterbox)."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    if mode == "stretch":
+        return np.asarray(img.resize((side, side), resample))
+    width, height = img.size
+    scale, off_x, off_y = pad_geometry(width, height, side)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    canvas = Image.new(img.mode, (side, side), 0)
+    canvas.paste(img.resize((new_w, new_h), resample), (round(off_x), round(off_y)))
+    return np.asarray(canvas)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> list[bytes]:

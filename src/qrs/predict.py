@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 from qrs import __version__
 from qrs.atomic import write_bytes, write_text
 from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
-from qrs.data.prepare import resize_image
-from qrs.data.regions import RoiSpec, load_roi, pad_geometry, rasterize, roi_regions, to_prepared
+from qrs.data.regions import RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
-from qrs.images import ImageError, is_image_file, read_rgb
+from qrs.images import ImageError, is_image_file, pad_geometry, read_rgb, resize_image
 from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import risk_level

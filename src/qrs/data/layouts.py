@@ -8,7 +8,9 @@ the whole source (wrong layout, nothing found) raise :class:`LayoutError`.
 from __future__ import annotations
 
 import csv
+import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +63,9 @@ def read_ksdd2(root: Path) -> Listing:
             "(and the same under ROOT/test/)"
         )
     for split in splits:
-        for path in sorted((root / split).iterdir()):
-            if not path.is_file() or path.stem.endswith("_GT"):
+        names = sorted(e.name for e in os.scandir(root / split) if e.is_file())
+        for path in (root / split / name for name in names):
+            if path.stem.endswith("_GT"):
                 continue
             if not is_image_file(path):
                 listing.skipped.append((_relative(path, root), "not an image file extension"))
@@ -77,8 +80,7 @@ def read_ksdd2(root: Path) -> Listing:
                     mask_required=True,
                 )
             )
-    ids = [r.id for r in listing.records]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(i for i, n in Counter(r.id for r in listing.records).items() if n > 1)
     if duplicates:
         raise LayoutError(f"KSDD2 ids must be unique across train and test; repeated: {duplicates[:5]}")
     return listing

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+from PIL import Image
 from matplotlib.path import Path as MplPath
 from scipy import ndimage
 from scipy.spatial import ConvexHull
@@ -21,6 +22,7 @@ from skimage.filters import threshold_otsu
 
 from qrs.choices import RESIZE_MODES, ResizeMode
 from qrs.errors import QrsError
+from qrs.images import pad_geometry
 
 Region = list  # a box [x0, y0, x1, y1] or a polygon [[x, y], ...]
 FULL_ROI: list[Region] = [[0.0, 0.0, 1.0, 1.0]]
@@ -48,17 +50,24 @@ def validate_region(region: object) -> Region:
 
 
 def mask_to_boxes(mask: np.ndarray) -> list[list[float]]:
-    """Relative bounding boxes of the 8-connected components of a boolean HxW mask."""
+    """Relative bounding boxes of the 8-connected components of a boolean HxW mask.
+
+    Components are labelled inside the bounding box of all foreground pixels: defects are small,
+    and labelling the whole mask cost ``qrs prepare`` a quarter of a defective image's decode.
+    """
     h, w = mask.shape
-    if not mask.any():
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
         return []
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    top, left = int(rows[0]), int(cols[0])
+    crop = mask[top:int(rows[-1]) + 1, left:int(cols[-1]) + 1]
+    labels, _ = ndimage.label(crop, structure=np.ones((3, 3), dtype=bool))
     boxes = []
     for sl in ndimage.find_objects(labels):
         if sl is None:
             continue
         ys, xs = sl
-        boxes.append([xs.start / w, ys.start / h, xs.stop / w, ys.stop / h])
+        boxes.append([(left + xs.start) / w, (top + ys.start) / h, (left + xs.stop) / w, (top + ys.stop) / h])
     return boxes
 
 
@@ -67,12 +76,6 @@ def pixel_box_to_relative(box: Sequence[float], width: int, height: int) -> list
     x0, y0, x1, y1 = (float(v) for v in box)
     rel = [x0 / width, y0 / height, x1 / width, y1 / height]
     return [min(max(v, 0.0), 1.0) for v in rel]
-
-
-def pad_geometry(width: int, height: int, side: int) -> tuple[float, float, float]:
-    """Scale and offsets (scale, off_x, off_y) of the ``pad`` resize into a ``side`` square."""
-    scale = side / max(width, height)
-    return scale, (side - width * scale) / 2.0, (side - height * scale) / 2.0
 
 
 def to_prepared(region: Region, orig_size: tuple[int, int], mode: ResizeMode, side: int) -> Region:
@@ -118,7 +121,7 @@ def rasterize(regions: Sequence[Region], height: int, width: int) -> np.ndarray:
     return out
 
 
-def auto_roi(rgb: np.ndarray) -> list[Region]:
+def auto_roi(rgb: np.ndarray | Image.Image) -> list[Region]:
     """The part as a relative polygon: the convex hull of the largest foreground component after
     Otsu thresholding.
 
@@ -127,7 +130,7 @@ def auto_roi(rgb: np.ndarray) -> list[Region]:
     a tenth the size of the largest are kept with it, so a part cut in two by a dark crack stays
     whole. Falls back to the whole image when the image is flat.
     """
-    gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    gray = np.asarray(rgb, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if float(gray.max()) - float(gray.min()) < 1.0:
         return [[0.0, 0.0, 1.0, 1.0]]
     above = gray > threshold_otsu(gray)
@@ -199,7 +202,7 @@ def load_roi(spec: str) -> RoiSpec:
     return parse_roi(value, source=f"ROI file {path}")
 
 
-def roi_regions(spec: RoiSpec, name: str, rgb: np.ndarray) -> list[Region]:
+def roi_regions(spec: RoiSpec, name: str, rgb: np.ndarray | Image.Image) -> list[Region]:
     """The relative ROI regions of one image: per-name entries match the name as given, the file
     name or the stem; an image without an entry is inspected whole (as in ``qrs prepare``)."""
     if spec == "full":

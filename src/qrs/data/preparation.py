@@ -32,8 +32,8 @@ from qrs.atomic import atomic_dir
 from qrs.choices import FORMATS, RESIZE_MODES, SPLITS
 from qrs.errors import QrsError
 from qrs.data.layouts import LayoutError, Listing, Record, read_folder, read_ksdd2, read_sodf
-from qrs.data.regions import RoiSpec, load_roi, mask_to_boxes, pad_geometry, pixel_box_to_relative, roi_regions
-from qrs.images import ImageError, encode_png, read_mask, read_rgb
+from qrs.data.regions import RoiSpec, load_roi, mask_to_boxes, pixel_box_to_relative, roi_regions
+from qrs.images import ImageError, encode_png, open_mask, open_rgb, resize_image
 
 INDEX_COLUMNS = (
     "id", "split", "label", "source", "image", "mask", "orig_width", "orig_height", "defect_type", "roi", "defects",
@@ -58,20 +58,6 @@ class PrepareOptions:
     staging: Path
 
 
-def resize_image(rgb: np.ndarray, side: int, mode: str, *, nearest: bool = False) -> np.ndarray:
-    """Resize an HxWxC (or HxW) uint8 array to ``side`` x ``side`` by ``stretch`` or ``pad`` (letterbox)."""
-    img = Image.fromarray(rgb)
-    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    if mode == "stretch":
-        return np.asarray(img.resize((side, side), resample))
-    width, height = img.size
-    scale, off_x, off_y = pad_geometry(width, height, side)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    canvas = Image.new(img.mode, (side, side), 0)
-    canvas.paste(img.resize((new_w, new_h), resample), (round(off_x), round(off_y)))
-    return np.asarray(canvas)
-
-
 def resize_transform(mode: str, side: int) -> str:
     """Human-readable description of the resize, recorded in meta.json."""
     if mode == "stretch":
@@ -83,35 +69,39 @@ def resize_transform(mode: str, side: int) -> str:
 
 
 def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
-    """Decode, check, resize and stage one image; returns its row or ``{"skip": reason}``."""
+    """Decode, check, resize and stage one image; returns its row or ``{"skip": reason}``.
+
+    The image stays a Pillow image from decode to resize, and a mask becomes an array only when it
+    has defect pixels to box: this loop is most of ``qrs prepare``'s time.
+    """
     if rec.mask_required and (rec.mask is None or not rec.mask.is_file()):
         return {"skip": f"missing mask {rec.mask.name if rec.mask else ''}".strip()}
     try:
-        rgb = read_rgb(rec.image)
+        image = open_rgb(rec.image)
     except ImageError as exc:
         return {"skip": str(exc)}
-    height, width = rgb.shape[:2]
+    width, height = image.size
     mask = None
     if rec.mask is not None:
         try:
-            mask = read_mask(rec.mask)
+            mask = open_mask(rec.mask)
         except ImageError as exc:
             return {"skip": f"mask {rec.mask.name}: {exc}"}
-        if mask.shape != (height, width):
-            return {"skip": f"mask {rec.mask.name} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}"}
-    label = rec.label if rec.label is not None else int(bool(mask is not None and mask.any()))
+        if mask.size != (width, height):
+            return {"skip": f"mask {rec.mask.name} is {mask.width}x{mask.height}, image is {width}x{height}"}
+    has_mask = mask is not None and mask.getbbox() is not None
+    label = rec.label if rec.label is not None else int(has_mask)
     if rec.boxes is not None:
         defects = [pixel_box_to_relative(b, width, height) for b in rec.boxes]
-    elif mask is not None:
-        defects = mask_to_boxes(mask)
+    elif has_mask:
+        defects = mask_to_boxes(np.asarray(mask) > 0)
     else:
         defects = []
-    roi = roi_regions(opts.roi, rec.id, rgb)
-    image_png = encode_png(resize_image(rgb, opts.img_size, opts.resize), compress_level=IMAGE_COMPRESS_LEVEL)
+    roi = roi_regions(opts.roi, rec.id, image)
+    image_png = encode_png(resize_image(image, opts.img_size, opts.resize), compress_level=IMAGE_COMPRESS_LEVEL)
     (opts.staging / f"{rec.id}.png").write_bytes(image_png)
-    has_mask = mask is not None and bool(mask.any())
     if has_mask:
-        small = resize_image(mask.astype(np.uint8) * 255, opts.img_size, opts.resize, nearest=True)
+        small = resize_image(mask, opts.img_size, opts.resize, nearest=True)
         (opts.staging / f"{rec.id}_mask.png").write_bytes(encode_png(small, compress_level=MASK_COMPRESS_LEVEL))
     return {
         "id": rec.id,
@@ -127,8 +117,19 @@ def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
     }
 
 
-def _worker(args: tuple[Record, PrepareOptions]) -> tuple[Record, dict[str, Any]]:
-    return args[0], process_record(*args)
+_pool_options: PrepareOptions | None = None
+"""The options in a pool's worker process, set once by :func:`_init_pool_worker` rather than sent
+with every image (a per-image ROI file can be large)."""
+
+
+def _init_pool_worker(opts: PrepareOptions) -> None:
+    global _pool_options
+    _pool_options = opts
+
+
+def _pool_worker(rec: Record) -> tuple[Record, dict[str, Any]]:
+    assert _pool_options is not None, "the pool was started without _init_pool_worker"
+    return rec, process_record(rec, _pool_options)
 
 
 def _stratified(ids: list[str], labels: list[int], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -149,9 +150,9 @@ def assign_splits(rows: list[dict[str, Any]], val_fraction: float, test_fraction
     if all(r["split"] is None for r in rows):
         ids = [r["id"] for r in rows]
         labels = [r["label"] for r in rows]
-        train_ids, test_ids = _stratified(ids, labels, test_fraction, seed)
+        test_ids = set(_stratified(ids, labels, test_fraction, seed)[1])
         for r in rows:
-            r["split"] = "test" if r["id"] in set(test_ids) else "train"
+            r["split"] = "test" if r["id"] in test_ids else "train"
     if not any(r["split"] == "val" for r in rows):
         train = [r for r in rows if r["split"] == "train"]
         n = len(train)
@@ -249,10 +250,11 @@ def _run(records: list[Record], opts: PrepareOptions, num_workers: int, strict: 
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(records), desc="prepare", unit="img", disable=not progress)
-    pool = multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 1 else None
+    pool = (multiprocessing.get_context("fork").Pool(num_workers, _init_pool_worker, (opts,))
+            if num_workers > 1 else None)
     try:
-        jobs = [(r, opts) for r in records]
-        results = pool.imap(_worker, jobs, chunksize=8) if pool else map(_worker, jobs)
+        results = (pool.imap(_pool_worker, records, chunksize=8) if pool
+                   else ((r, process_record(r, opts)) for r in records))
         for rec, result in results:
             bar.update()
             if "skip" in result:
@@ -271,14 +273,14 @@ def _run(records: list[Record], opts: PrepareOptions, num_workers: int, strict: 
 def _write_outputs(tmp: Path, rows: list[dict[str, Any]], skipped: list[tuple[str, str]], **meta: Any) -> None:
     rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["id"]))
     staging = tmp / "_staging"
+    for folder in {f"images/{r['split']}" for r in rows} | {f"masks/{r['split']}" for r in rows if r["has_mask"]}:
+        (tmp / folder).mkdir(parents=True)
     index_rows = []
     for r in rows:
         image = f"images/{r['split']}/{r['id']}.png"
         mask = f"masks/{r['split']}/{r['id']}.png" if r["has_mask"] else ""
-        (tmp / image).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / f"{r['id']}.png", tmp / image)
         if mask:
-            (tmp / mask).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / f"{r['id']}_mask.png", tmp / mask)
         index_rows.append({
             "id": r["id"], "split": r["split"], "label": r["label"], "source": r["source"], "image": image,
