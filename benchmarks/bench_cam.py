@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from torchvision.models import resnet50
 
 from qrs.cam import compute_cams
-from qrs.data.dataset import PreparedDataset
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.extract import ScoreOptions, extract

@@ -255,6 +255,7 @@ def test_strict_stops_at_first_bad_file_with_exit_2(tmp_path: Path, monkeypatch:
         ("ksdd2", "sodf", "is not a Sensum SODF dataset"),
         ("ksdd2", "folder", "is not a folder dataset: missing good, defect"),
         ("missing", "ksdd2", "does not exist"),
+        ("ksdd2_repeated_id", "ksdd2", "KSDD2 ids must be unique across train and test; repeated: ['10000']"),
     ],
 )
 def test_bad_sources_stop_with_a_message(tmp_path: Path, setup: str, fmt: str, message: str,
@@ -268,8 +269,11 @@ def test_bad_sources_stop_with_a_message(tmp_path: Path, setup: str, fmt: str, m
         (src / "defect").mkdir()
         for i in range(3):
             Image.fromarray(np.zeros((8, 8), np.uint8)).save(src / "good" / f"{i}.png")
-    elif setup in ("sodf", "ksdd2"):
-        synthesize(src, setup, n_train=4, n_test=2, size=(32, 32), seed=0)
+    elif setup in ("sodf", "ksdd2", "ksdd2_repeated_id"):
+        synthesize(src, setup.removesuffix("_repeated_id"), n_train=4, n_test=2, size=(32, 32), seed=0)
+        if setup == "ksdd2_repeated_id":
+            for name in ("10000.png", "10000_GT.png"):
+                (src / "test" / name).write_bytes((src / "train" / name).read_bytes())
     code, err = _run_cli(["prepare", "--format", fmt, "--src", str(src), "--out", str(tmp_path / "p")],
                          monkeypatch, capsys)
     assert code == 2 and message in err
@@ -354,3 +358,18 @@ def test_package_api_names_resolve_in_a_fresh_interpreter() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["qrs.data.preparation", "qrs.data.dataset", "QrsError"]
+
+
+def test_cli_prepare_does_not_import_torch(ksdd2_raw: Path, tmp_path: Path) -> None:
+    """Preparing and reading back a dataset needs no torch (seconds of start-up, and a heavier fork per worker)."""
+    code = (
+        "import sys\n"
+        "from qrs.cli import main\n"
+        f"sys.argv = ['qrs', 'prepare', '--src', {str(ksdd2_raw)!r}, '--out', {str(tmp_path / 'p')!r}, '--img-size', '32',"
+        " '--num-workers', '2']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False"
+    assert (tmp_path / "p" / "index.csv").is_file()

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qrs.atomic import write_json, write_text
-from qrs.data.dataset import PreparedDataset, SplitDataset
+from qrs.data.dataset import PreparedDataset
+from qrs.data.split_dataset import SplitDataset
 from qrs.errors import QrsError
 from qrs.model import load_checkpoint, normalize, resolve_device
 

@@ -28,7 +28,8 @@ from qrs.analysis import localisation, qrs_statistics
 from qrs.atomic import write_bytes, write_text, write_with
 from qrs.cam import METHODS, compute_cams
 from qrs.choices import SPLITS
-from qrs.data.dataset import PreparedDataset, SplitDataset
+from qrs.data.dataset import PreparedDataset
+from qrs.data.split_dataset import SplitDataset
 from qrs.distributed import DistContext, all_gather_objects, init_distributed, main_first, shard_indices
 from qrs.errors import QrsError
 from qrs.model import load_checkpoint, normalize, update_checkpoint_meta

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from qrs import __version__
 from qrs.atomic import write_bytes, write_text
 from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
-from qrs.data.regions import RoiSpec, load_roi, rasterize, roi_regions, to_prepared
+from qrs.data.regions import Region, RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
 from qrs.images import ImageError, is_image_file, pad_geometry, read_rgb, resize_image

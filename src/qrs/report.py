@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from qrs.analysis import distribution_plot, localisation_summary, qrs_statistics
 from qrs.atomic import write_json, write_text

@@ -1,28 +1,29 @@
-"""The prepared dataset on disk (QRS_SPEC section 7) and its torch datasets per split.
+"""The prepared dataset on disk (QRS_SPEC section 7).
 
-Images are decoded once into a uint8 memory map per split (``cache/<split>.u8``), so training
-epochs never decode PNGs again; the cache is keyed by the index's hash and rebuilt when it changes.
+Images are decoded once into a uint8 memory map per split (``cache/<split>-<hash>.npy``), so
+training epochs never decode PNGs again; the cache is keyed by the index's hash and rebuilt when it
+changes. This module does not import torch (``qrs prepare`` ends by reading what it wrote); the
+torch view of a split is :class:`qrs.data.split_dataset.SplitDataset`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from qrs.atomic import atomic_path
 from qrs.choices import SPLITS
-from qrs.data.regions import FULL_ROI, rasterize, to_prepared
 from qrs.errors import QrsError
+
+if TYPE_CHECKING:
+    from qrs.data.split_dataset import SplitDataset
 
 
 class DatasetError(QrsError, ValueError):
@@ -73,6 +74,8 @@ class PreparedDataset:
     def split(self, split: str, *, coords: dict[str, dict[str, list]] | None = None,
               with_masks: bool = True) -> "SplitDataset":
         """A torch Dataset over one split (``coords`` overrides the ROI/defect coordinates per id)."""
+        from qrs.data.split_dataset import SplitDataset
+
         return SplitDataset(self, split, coords=coords, with_masks=with_masks)
 
     def image_cache(self, split: str, *, progress: bool = True) -> np.ndarray:
@@ -106,69 +109,3 @@ def load_prepared_image(path: Path, size: int) -> np.ndarray:
     if arr.shape != (size, size, 3):
         raise DatasetError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}")
     return arr
-
-
-class SplitDataset(Dataset):
-    """One split: items are dicts with ``index``, ``image`` (3xSxS uint8) and ``label``, and with
-    ``with_masks`` also ``roi``, ``defect`` and ``boxes`` (SxS bool masks on the prepared grid)."""
-
-    def __init__(self, data: PreparedDataset, split: str, *, coords: dict[str, dict[str, list]] | None = None,
-                 with_masks: bool = True) -> None:
-        self.data = data
-        self.split_name = split
-        self.rows = data.rows(split)
-        self.coords = coords
-        self.with_masks = with_masks
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @cached_property
-    def images(self) -> np.ndarray:
-        return self.data.image_cache(self.split_name)
-
-    @cached_property
-    def labels(self) -> torch.Tensor:
-        return torch.tensor(self.rows["label"].to_list(), dtype=torch.long)
-
-    def regions(self, i: int) -> tuple[list, list]:
-        """ROI and defect regions of item ``i``, relative to the original image."""
-        row = self.rows.iloc[i]
-        if self.coords is not None:
-            entry = self.coords.get(row["id"])
-            if entry is None:
-                raise DatasetError(f"coordinates file has no entry for image id {row['id']!r}")
-            return entry.get("roi") or FULL_ROI, entry.get("defects") or []
-        return row["roi"], row["defects"]
-
-    def masks(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ROI, defect mask, defect boxes) of item ``i`` as S x S bool arrays on the prepared grid.
-
-        The defect mask is the prepared mask file where one exists, else the rasterised defect boxes.
-        """
-        row = self.rows.iloc[i]
-        s = self.data.img_size
-        mode = self.data.meta["resize"]
-        orig = (int(row["orig_width"]), int(row["orig_height"]))
-        roi_regions, defect_regions = self.regions(i)
-        roi = rasterize([to_prepared(r, orig, mode, s) for r in roi_regions], s, s)
-        boxes = rasterize([to_prepared(r, orig, mode, s) for r in defect_regions], s, s)
-        if row["mask"]:
-            with Image.open(self.data.root / row["mask"]) as img:
-                defect = np.asarray(img.convert("L")) > 0
-        else:
-            defect = boxes
-        return roi, defect, boxes
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {
-            "index": i,
-            "image": torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1),
-            "label": self.labels[i],
-        }
-        if self.with_masks:
-            roi, defect, boxes = self.masks(i)
-            item["roi"] = torch.from_numpy(roi)
-            item["defect"] = torch.from_numpy(defect)
-            item["boxes"] = torch.from_numpy(boxes)
-        return item

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qrs.choices import FORMATS, SPLITS
+from qrs.choices import SPLITS
 from qrs.errors import QrsError
 from qrs.images import is_image_file
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
@@ -31,6 +30,7 @@ from qrs import __version__
 from qrs.atomic import atomic_dir
 from qrs.choices import FORMATS, RESIZE_MODES, SPLITS
 from qrs.errors import QrsError
+from qrs.data.dataset import PreparedDataset
 from qrs.data.layouts import LayoutError, Listing, Record, read_folder, read_ksdd2, read_sodf
 from qrs.data.regions import RoiSpec, load_roi, mask_to_boxes, pixel_box_to_relative, roi_regions
 from qrs.images import ImageError, encode_png, open_mask, open_rgb, resize_image
@@ -196,10 +196,8 @@ def prepare(
     boxes: str | os.PathLike[str] | None = None,
     split_file: str | os.PathLike[str] | None = None,
     progress: bool = True,
-) -> "PreparedDataset":
+) -> PreparedDataset:
     """Prepare the raw dataset at ``src`` (layout ``fmt``) into ``out`` and return it."""
-    from qrs.data.dataset import PreparedDataset
-
     src, out = Path(src), Path(out)
     if resize not in RESIZE_MODES:
         raise PrepareError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
