@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from skimage.measure import label, regionprops
 from typer.testing import CliRunner
@@ -20,7 +22,7 @@ from typer.testing import CliRunner
 from qrs.cli import app, main
 from qrs.data import preparation as prepare_module
 from qrs.data.dataset import PreparedDataset
-from qrs.data.preparation import INDEX_COLUMNS, PrepareError, prepare
+from qrs.data.preparation import INDEX_COLUMNS, PrepareError, prepare, spans
 from qrs.data.regions import rasterize, to_prepared
 from qrs.data.synth import synthesize
 from qrs.errors import QrsError
@@ -373,3 +375,16 @@ def test_cli_prepare_does_not_import_torch(ksdd2_raw: Path, tmp_path: Path) -> N
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "False"
     assert (tmp_path / "p" / "index.csv").is_file()
+
+
+@given(st.integers(0, 5000), st.integers(2, 16))
+def test_spans_cover_every_index_once_and_shrink_at_the_end(n: int, workers: int) -> None:
+    parts = spans(n, workers)
+    assert [i for part in parts for i in part] == list(range(n))
+    sizes = [len(part) for part in parts]
+    assert all(1 <= size <= 32 for size in sizes)
+    # Tasks only shrink once they start shrinking, down to single images: nobody waits long at the end.
+    assert sizes == sorted(sizes, reverse=True)
+    assert n == 0 or sizes[-1] == 1
+    if n >= 64 * 2 * workers:
+        assert sizes[0] == 32

@@ -17,7 +17,7 @@ import os
 import pickle
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,19 +117,36 @@ def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
     }
 
 
-_pool_options: PrepareOptions | None = None
-"""The options in a pool's worker process, set once by :func:`_init_pool_worker` rather than sent
-with every image (a per-image ROI file can be large)."""
+_pool_job: tuple[list[Record], PrepareOptions] | None = None
+"""The records and options in a pool's worker process, inherited through fork by
+:func:`_init_pool_worker`: tasks are then index ranges, and nothing large (a per-image ROI file)
+is pickled per image."""
 
 
-def _init_pool_worker(opts: PrepareOptions) -> None:
-    global _pool_options
-    _pool_options = opts
+def _init_pool_worker(records: list[Record], opts: PrepareOptions) -> None:
+    global _pool_job
+    _pool_job = (records, opts)
 
 
-def _pool_worker(rec: Record) -> tuple[Record, dict[str, Any]]:
-    assert _pool_options is not None, "the pool was started without _init_pool_worker"
-    return rec, process_record(rec, _pool_options)
+def _pool_worker(span: range) -> list[tuple[int, dict[str, Any]]]:
+    assert _pool_job is not None, "the pool was started without _init_pool_worker"
+    records, opts = _pool_job
+    return [(i, process_record(records[i], opts)) for i in span]
+
+
+def spans(n: int, num_workers: int, *, largest: int = 32) -> list[range]:
+    """Consecutive index ranges, one task each, that shrink towards the end (guided scheduling).
+
+    Large while many images remain, so the parent (whose wake-ups take CPU from the workers) hears
+    from the pool rarely; small at the end, so no worker waits long for the last one to finish.
+    """
+    out: list[range] = []
+    start = 0
+    while start < n:
+        size = max(1, min(largest, (n - start) // (2 * num_workers)))
+        out.append(range(start, start + size))
+        start += size
+    return out
 
 
 def _stratified(ids: list[str], labels: list[int], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -248,12 +265,16 @@ def _run(records: list[Record], opts: PrepareOptions, num_workers: int, strict: 
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(records), desc="prepare", unit="img", disable=not progress)
-    pool = (multiprocessing.get_context("fork").Pool(num_workers, _init_pool_worker, (opts,))
+    pool = (multiprocessing.get_context("fork").Pool(num_workers, _init_pool_worker, (records, opts))
             if num_workers > 1 else None)
     try:
-        results = (pool.imap(_pool_worker, records, chunksize=8) if pool
-                   else ((r, process_record(r, opts)) for r in records))
-        for rec, result in results:
+        if pool:
+            batches = pool.imap(_pool_worker, spans(len(records), num_workers))
+            results: Iterator[tuple[int, dict[str, Any]]] = (pair for batch in batches for pair in batch)
+        else:
+            results = ((i, process_record(r, opts)) for i, r in enumerate(records))
+        for i, result in results:
+            rec = records[i]
             bar.update()
             if "skip" in result:
                 if strict:
