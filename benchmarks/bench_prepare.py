@@ -1,7 +1,7 @@
 """Benchmark of ``qrs prepare``: images/s with 1 and 2 workers beside the limit measured in the same
 run, which is decoding and resizing the same files with Pillow alone in one process.
 
-Usage: python benchmarks/bench_prepare.py [--n 1000] [--img-size 224] [--repeats 3] [--workdir DIR]
+Usage: python benchmarks/bench_prepare.py [--n 1000] [--img-size 224] [--repeats 5] [--workdir DIR]
 Targets: 1 worker >= 0.8 x the limit; 2 workers >= 1.6 x the limit.
 
 The limit writes nothing, so the rows also pay for creating files where ``--workdir`` is; on a
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="number of KSDD2-size images")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per row")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many interleaved runs per row")
     parser.add_argument("--workdir", default=None,
                         help="where to write (default: the system temp dir); file creation cost depends on it")
     args = parser.parse_args()
