@@ -77,6 +77,11 @@ def test_ksdd2_counts_labels_boxes_and_splits(ksdd2_raw: Path, tmp_path: Path) -
     assert coords == json.loads((tmp_path / "p" / "coords.json").read_text())
     assert set(coords) == set(index["id"])
     assert not (tmp_path / "p" / "skipped.csv").exists()
+    # Exactly the files the index names, and nothing else (no leftovers of the build).
+    files = {f.relative_to(tmp_path / "p").as_posix() for f in (tmp_path / "p").rglob("*") if f.is_file()}
+    listed = set(index["image"]) | set(index["mask"][index["mask"] != ""])
+    assert files == listed | {"index.csv", "meta.json", "coords.json", "coords.pkl"}
+    assert {d.name for d in (tmp_path / "p").iterdir() if d.is_dir()} == {"images", "masks"}
 
 
 def test_same_seed_same_index_other_seed_other_split(ksdd2_raw: Path, tmp_path: Path) -> None:
