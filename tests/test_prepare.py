@@ -393,3 +393,14 @@ def test_spans_cover_every_index_once_and_shrink_at_the_end(n: int, workers: int
     assert n == 0 or sizes[-1] == 1
     if n >= 64 * 2 * workers:
         assert sizes[0] == 32
+
+
+def test_readme_python_example_runs_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    summary, last = out.strip().splitlines()
+    assert summary.startswith("prepared dataset prepared: 60 images (train: ")
+    assert last == "32 torch.Size([3, 64, 64]) 0 torch.Size([64, 64])"
+    assert (tmp_path / "prepared" / "index.csv").is_file()
