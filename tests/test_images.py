@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qrs.images import ImageError, encode_png, open_mask, read_rgb
+from qrs.images import ImageError, encode_png, open_mask, open_rgb
 
 
 def test_encode_png_round_trips_through_pillow() -> None:
@@ -24,18 +24,18 @@ def test_encode_png_round_trips_through_pillow() -> None:
         encode_png(rgb.astype(np.float32))
 
 
-def test_read_rgb_composites_alpha_on_black_and_scales_16_bit(tmp_path: Path) -> None:
+def test_open_rgb_composites_alpha_on_black_and_scales_16_bit(tmp_path: Path) -> None:
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[..., :3] = 200
     rgba[0, 0, 3] = 255
     rgba[1, 1, 3] = 128
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    out = read_rgb(tmp_path / "a.png")
+    out = np.asarray(open_rgb(tmp_path / "a.png"))
     assert out[0, 0].tolist() == [200, 200, 200] and out[0, 1].tolist() == [0, 0, 0]
     assert abs(int(out[1, 1, 0]) - 100) <= 1
     Image.fromarray(np.array([[0, 65535]], np.uint16)).save(tmp_path / "g16.png")
-    assert read_rgb(tmp_path / "g16.png").tolist() == [[[0, 0, 0], [255, 255, 255]]]
-    assert read_rgb((tmp_path / "a.png").read_bytes()).shape == (2, 2, 3)
+    assert np.asarray(open_rgb(tmp_path / "g16.png")).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    assert np.asarray(open_rgb((tmp_path / "a.png").read_bytes())).shape == (2, 2, 3)
 
 
 def test_bad_files_raise_readable_errors(tmp_path: Path) -> None:
@@ -44,13 +44,13 @@ def test_bad_files_raise_readable_errors(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(good, format="PNG")
     (tmp_path / "cut.png").write_bytes(good.getvalue()[:60])
     with pytest.raises(ImageError, match="not an image file"):
-        read_rgb(tmp_path / "text.png")
+        open_rgb(tmp_path / "text.png")
     with pytest.raises(ImageError, match="unreadable or truncated"):
-        read_rgb(tmp_path / "cut.png")
+        open_rgb(tmp_path / "cut.png")
     with pytest.raises(ImageError, match="no such file"):
-        read_rgb(tmp_path / "missing.png")
+        open_rgb(tmp_path / "missing.png")
     with pytest.raises(ImageError, match=r"64x64 = 0.0 megapixels, over the limit"):
-        read_rgb(good.getvalue(), max_pixels=100)
+        open_rgb(good.getvalue(), max_pixels=100)
 
 
 def test_open_mask_any_nonzero_is_foreground(tmp_path: Path) -> None:

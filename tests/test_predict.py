@@ -19,7 +19,7 @@ from qrs.cli import app, main
 from qrs.data.regions import rasterize, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
-from qrs.images import read_rgb, resize_image
+from qrs.images import open_rgb, resize_image
 from qrs.model import load_checkpoint
 from qrs.data.regions import parse_roi
 from qrs.predict import CSV_COLUMNS, OVERLAY_MAX_SIDE, Scorer, score_files, training_resize
@@ -74,7 +74,7 @@ def test_rows_match_the_extract_path_and_errors_get_a_row(checkpoint: Path, part
         if "error" in row:
             continue
         assert set(row) == RESULT_KEYS
-        want = expected(checkpoint, read_rgb(Path(row["file"])))
+        want = expected(checkpoint, np.asarray(open_rgb(Path(row["file"]))))
         assert row["p_defective"] == pytest.approx(float(want["p_defective"][0]), abs=1e-5)
         assert row["qrs"] == pytest.approx(float(want["qrs"][0]), abs=1e-5)
         assert row["n_over"] == int(want["n_over"][0])
@@ -104,7 +104,7 @@ def test_roi_file_boxes_by_stem_and_auto(checkpoint: Path, parts: Path, tmp_path
     w, h = PART_SIZE
     mask = rasterize([to_prepared(box, (w, h), "stretch", SIDE)], SIDE, SIDE)
     for row in result.rows[:2]:
-        want = expected(checkpoint, read_rgb(Path(row["file"])), mask)
+        want = expected(checkpoint, np.asarray(open_rgb(Path(row["file"]))), mask)
         assert row["qrs"] == pytest.approx(float(want["qrs"][0]), abs=1e-6)
         assert row["area"] == pytest.approx(float(want["area"][0]), abs=1e-6)
     # An image without an entry is inspected whole, as in `qrs prepare`.
@@ -163,7 +163,7 @@ def test_overlay_png_over_the_original_aspect(checkpoint: Path, parts: Path, tmp
         with Image.open(path) as img:
             overlay = np.asarray(img.convert("RGB"))
         assert overlay.shape == (PART_SIZE[1], PART_SIZE[0], 3)  # small images keep their size
-        original = read_rgb(Path(row["file"]))
+        original = np.asarray(open_rgb(Path(row["file"])))
         assert not np.array_equal(overlay, original)
         # The ROI outline runs along the box's top edge, row 10 (0.1 * 96) over columns 5..43: cyan, or white
         # where the region over the threshold touches it; nothing is drawn above it.

@@ -75,17 +75,12 @@ def open_rgb(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PI
     """Read a file path or encoded bytes as a loaded 8-bit RGB Pillow image.
 
     Grayscale, RGB, RGBA (composited on black), palette and 16-bit inputs are accepted.
-    Raises :class:`ImageError` with a human-readable reason for anything else. ``qrs prepare``
-    resizes the result in Pillow: a full-size numpy copy would cost a tenth of the decode.
+    Raises :class:`ImageError` with a human-readable reason for anything else. Callers resize the
+    result in Pillow (``np.asarray`` gives an array): a full-size numpy copy costs a tenth of the decode.
     """
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise ImageError(f"no such file: {source}")
     return _open(source, max_pixels)
-
-
-def read_rgb(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """:func:`open_rgb` as an HxWx3 uint8 array."""
-    return np.asarray(open_rgb(source, max_pixels=max_pixels))
 
 
 _FOREGROUND_LUT = [0] + [255] * 255

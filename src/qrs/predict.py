@@ -29,7 +29,7 @@ from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
 from qrs.data.regions import Region, RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
-from qrs.images import ImageError, is_image_file, pad_geometry, read_rgb, resize_image
+from qrs.images import ImageError, is_image_file, open_rgb, pad_geometry, resize_image
 from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import risk_level
@@ -136,18 +136,21 @@ class Scorer:
             "checkpoint_qrs_version": self.meta.get("qrs_version"),
         }
 
-    def prepare(self, name: str, rgb: np.ndarray, roi: RoiSpec = "full", *, overlay: bool = False) -> Prepared:
-        """Resize ``rgb`` (HxWx3 uint8) like the training data and rasterise its ROI on the square."""
-        height, width = rgb.shape[:2]
-        regions = roi_regions(roi, name, rgb)
+    def prepare(self, name: str, image: np.ndarray | Image.Image, roi: RoiSpec = "full", *,
+                overlay: bool = False) -> Prepared:
+        """Resize ``image`` (HxWx3 uint8, or an RGB Pillow image as :func:`qrs.images.open_rgb` gives) like
+        the training data and rasterise its ROI on the square."""
+        img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        width, height = img.size
+        regions = roi_regions(roi, name, img)
         square = rasterize([to_prepared(r, (width, height), self.resize, self.side) for r in regions],
                            self.side, self.side)
         view = None
         if overlay:
             factor = min(1.0, OVERLAY_MAX_SIDE / max(width, height))
             size = (max(1, round(width * factor)), max(1, round(height * factor)))
-            view = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-        return Prepared(name, resize_image(rgb, self.side, self.resize), square, regions, (width, height), view)
+            view = np.asarray(img.resize(size, Image.Resampling.BILINEAR))
+        return Prepared(name, resize_image(img, self.side, self.resize), square, regions, (width, height), view)
 
     @torch.inference_mode()
     def score(self, items: Sequence[Prepared]) -> list[Scored]:
@@ -281,7 +284,7 @@ def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.P
     with tqdm(total=len(files), desc="score", unit="img", disable=not progress) as bar:
         for i, file in enumerate(files):
             try:
-                pending.append((i, scorer.prepare(str(file), read_rgb(file), roi_spec, overlay=overlay)))
+                pending.append((i, scorer.prepare(str(file), open_rgb(file), roi_spec, overlay=overlay)))
             except ImageError as exc:
                 rows[i] = {"file": str(file), "error": str(exc)}
                 bar.update()

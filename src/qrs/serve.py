@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qrs import __version__
 from qrs.errors import QrsError
-from qrs.images import read_rgb
+from qrs.images import open_rgb
 from qrs.data.regions import RoiSpec, parse_roi
 from qrs.predict import Prepared, Scored, Scorer
 
@@ -358,7 +358,7 @@ def _prepare_all(scorer: Scorer, uploads: Sequence[tuple[str, bytes]], roi: RoiS
     prepared = []
     for name, data in uploads:
         try:
-            prepared.append(scorer.prepare(name, read_rgb(data), roi, overlay=overlay))
+            prepared.append(scorer.prepare(name, open_rgb(data), roi, overlay=overlay))
         except QrsError as exc:
             raise HTTPException(422, detail=f"{name}: {exc}") from exc
     return prepared

@@ -75,7 +75,7 @@ def resize_transform(mode: str, side: int) -> str:
 
 
 def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
-    """Decode, check, resize and stage one image; returns its row or ``{"skip": reason}``.
+    """Decode, check, resize and write one image (and its mask); returns its row or ``{"skip": reason}``.
 
     The image stays a Pillow image from decode to resize, and a mask becomes an array only when it
     has defect pixels to box: this loop is most of ``qrs prepare``'s time.
