@@ -67,3 +67,11 @@ def test_open_mask_any_nonzero_is_foreground(tmp_path: Path) -> None:
     assert open_mask(tmp_path / "empty.png").getbbox() is None
     with pytest.raises(ImageError, match="no such file"):
         open_mask(tmp_path / "missing.png")
+    (tmp_path / "text.png").write_text("hello")
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 2, (64, 64), dtype=np.uint8) * 255).save(big, format="PNG")
+    (tmp_path / "cut.png").write_bytes(big.getvalue()[:100])
+    with pytest.raises(ImageError, match="not an image file"):
+        open_mask(tmp_path / "text.png")
+    with pytest.raises(ImageError, match="unreadable or truncated"):
+        open_mask(tmp_path / "cut.png")

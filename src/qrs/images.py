@@ -7,6 +7,8 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,28 +49,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+@contextmanager
+def _readable_errors() -> Iterator[None]:
+    """Turn what Pillow raises while opening or decoding a file into :class:`ImageError` with the reason."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image is too large (possible decompression bomb): {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("not an image file (Pillow cannot identify it)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"unreadable or truncated image: {exc}") from exc
+
+
 def _open(source: str | os.PathLike[str] | bytes, max_pixels: int) -> Image.Image:
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _readable_errors():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(fp) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageError(
-                        f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
-                        f"{max_pixels / 1e6:.0f} (possible decompression bomb)"
-                    )
-                img.load()
-                return _to_rgb(img)
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"image is too large (possible decompression bomb): {exc}") from exc
-        except UnidentifiedImageError as exc:
-            raise ImageError("not an image file (Pillow cannot identify it)") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"unreadable or truncated image: {exc}") from exc
+        with Image.open(fp) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                    f"{max_pixels / 1e6:.0f} (possible decompression bomb)"
+                )
+            img.load()
+            return _to_rgb(img)
 
 
 def open_rgb(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -95,20 +103,13 @@ def open_mask(path: str | os.PathLike[str]) -> Image.Image:
     """
     if not Path(path).is_file():
         raise ImageError(f"no such file: {path}")
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"mask is {img.width}x{img.height}, over the {MAX_PIXELS / 1e6:.0f} megapixel limit")
-            if img.mode in ("1", "L"):
-                gray = img if img.mode == "L" else img.convert("L")
-                return gray if gray.getbbox() is None else gray.point(_FOREGROUND_LUT)
-            arr = np.asarray(img.convert("RGB") if img.mode == "P" else img)
-    except ImageError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageError("not an image file (Pillow cannot identify it)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"unreadable or truncated image: {exc}") from exc
+    with _readable_errors(), Image.open(path) as img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageError(f"mask is {img.width}x{img.height}, over the {MAX_PIXELS / 1e6:.0f} megapixel limit")
+        if img.mode in ("1", "L"):
+            gray = img if img.mode == "L" else img.convert("L")
+            return gray if gray.getbbox() is None else gray.point(_FOREGROUND_LUT)
+        arr = np.asarray(img.convert("RGB") if img.mode == "P" else img)
     if arr.ndim == 3:
         arr = arr[:, :, :3].max(axis=2)
     return Image.fromarray(np.where(arr > 0, 255, 0).astype(np.uint8))
