@@ -10,8 +10,8 @@ import torch
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEEPPCB = SHARED / "data" / "deeppcb"
+DEEPPCB = Path(__file__).resolve().parent / "data" / "deeppcb"
+"""20 real DeepPCB boards (40 images) vendored with their licence; see its README."""
 SMALL_SIZE = (115, 315)
 
 torch.set_num_threads(2)

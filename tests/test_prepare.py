@@ -130,16 +130,19 @@ def test_folder_layout_defect_types_and_masks(tmp_path: Path) -> None:
 
 
 def test_deeppcb_real_sample_with_boxes_and_official_split(tmp_path: Path) -> None:
+    boxes = pd.read_csv(DEEPPCB / "boxes.csv")
+    split_csv = pd.read_csv(DEEPPCB / "split.csv")
     ds = prepare("folder", DEEPPCB, tmp_path / "pcb", img_size=64, boxes=DEEPPCB / "boxes.csv",
                  split_file=DEEPPCB / "split.csv", progress=False)
     index = ds.index
-    assert len(index) == 200 and (index["label"] == 1).sum() == 100
-    assert sum(len(d) for d in index["defects"]) == 747
+    assert len(index) == len(split_csv) == 40 and (index["label"] == 1).sum() == 20
+    assert sum(len(d) for d in index["defects"]) == len(boxes) == 144
     coords = np.array([v for d in index["defects"] for v in d])
     assert coords.min() >= 0 and coords.max() <= 1
-    split_csv = pd.read_csv(DEEPPCB / "split.csv")
-    assert (index["split"] == "test").sum() == (split_csv["split"] == "test").sum() == 100
-    first = pd.read_csv(DEEPPCB / "boxes.csv").iloc[0]
+    assert (index["split"] == "test").sum() == (split_csv["split"] == "test").sum() == 20
+    official = dict(zip(split_csv["source"], split_csv["split"]))
+    assert all((split == "test") == (official[src] == "test") for src, split in zip(index["source"], index["split"]))
+    first = boxes.iloc[0]
     row = index[index["source"] == first["image"]].iloc[0]
     assert [first.x0 / 640, first.y0 / 640, first.x1 / 640, first.y1 / 640] in row["defects"]
 
