@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,14 +21,12 @@ from tqdm.auto import tqdm
 
 from qrs.atomic import atomic_path
 from qrs.choices import SPLITS
-from qrs.errors import QrsError
+from qrs.errors import DatasetError
 
 if TYPE_CHECKING:
     from qrs.data.split_dataset import SplitDataset
 
-
-class DatasetError(QrsError, ValueError):
-    """A prepared dataset that is missing, incomplete or not what was asked for."""
+__all__ = ["DatasetError", "PreparedDataset", "load_prepared_image"]
 
 
 class PreparedDataset:
@@ -76,7 +75,9 @@ class PreparedDataset:
         """A torch Dataset over one split (``coords`` overrides the ROI/defect coordinates per id)."""
         from qrs.data.split_dataset import SplitDataset
 
-        return SplitDataset(self, split, coords=coords, with_masks=with_masks)
+        return SplitDataset(self.rows(split), split=split, root=self.root, img_size=self.img_size,
+                            resize=self.meta["resize"], images=partial(self.image_cache, split), coords=coords,
+                            with_masks=with_masks)
 
     def image_cache(self, split: str, *, progress: bool = True) -> np.ndarray:
         """The split's images as an N x S x S x 3 uint8 memory map, built on first use."""
