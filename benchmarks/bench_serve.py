@@ -54,8 +54,9 @@ def calibrated_model(arch: str, side: int, squares: torch.Tensor, device: torch.
     model.qrs_meta = base_meta(arch, side)
     with torch.inference_mode():
         peaks = score_batch(model, squares[:16], None, scale=None, options=ScoreOptions(norm="image"))["peak"]
-    model.qrs_meta["calibration"] = {"scale": calibration_scale(peaks.cpu()), "method": "gradcam++", "threshold": 0.9,
-                                     "norm": "dataset", "aggregation": "mass", "n_defective_train": 16,
+    model.qrs_meta["calibration"] = {"scale": calibration_scale(peaks.cpu()), "anchor": "good", "quantile": 0.99,
+                                     "split": "val", "n_parts": 16, "note": "", "method": "gradcam++",
+                                     "threshold": 0.9, "norm": "dataset", "aggregation": "mass",
                                      "risk_cuts": None, "risk_note": "benchmark"}
     return model
 

@@ -40,18 +40,20 @@ def png(rgb: np.ndarray) -> bytes:
 
 
 def make_checkpoint(path: Path, *, calibrated: bool = True, risk_cuts: dict[str, float] | None = RISK_CUTS) -> Path:
-    """A random resnet18 checkpoint at 32 px; calibrated like ``qrs calibrate`` writes it (the scale is the
-    median map peak of a few synthetic defective parts)."""
+    """A random resnet18 checkpoint at 32 px; calibrated like ``qrs calibrate`` writes it (anchor good: the
+    scale is the 0.99 quantile of the map peaks of a few synthetic good parts, over tau)."""
     torch.manual_seed(0)
     model = build_model("resnet18").eval()
     meta = base_meta("resnet18", SIDE)
     if calibrated:
         model.qrs_meta = meta
-        images = torch.from_numpy(np.stack([resize_image(part_image(s), SIDE, "stretch") for s in range(4)]))
+        images = torch.from_numpy(np.stack([resize_image(part_image(s, defective=False), SIDE, "stretch")
+                                            for s in range(4)]))
         peaks = score_batch(model, images.permute(0, 3, 1, 2), None, scale=None,
                             options=ScoreOptions(norm="image"))["peak"]
-        meta["calibration"] = {"scale": calibration_scale(peaks), "method": "gradcam++", "threshold": 0.9,
-                               "norm": "dataset", "aggregation": "mass", "n_defective_train": 4,
+        meta["calibration"] = {"scale": calibration_scale(peaks), "anchor": "good", "quantile": 0.99, "split": "val",
+                               "n_parts": 4, "note": "", "method": "gradcam++", "threshold": 0.9,
+                               "norm": "dataset", "aggregation": "mass",
                                "risk_cuts": risk_cuts,
                                "risk_note": "" if risk_cuts else "too few defective validation parts: no risk levels"}
     save_checkpoint(path, model, meta)

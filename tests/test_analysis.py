@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from qrs.analysis import localisation, qrs_statistics
 from qrs.errors import QrsError
 from qrs.extract import extract
-from qrs.model import base_meta, build_model, save_checkpoint
+from qrs.model import base_meta, build_model, read_checkpoint, save_checkpoint
 from qrs.report import analyze, per_defect_type
 
 
@@ -86,6 +86,9 @@ def test_analyze_writes_stats_plots_and_a_self_contained_report(prepared_small: 
                     "Distributions", "Highest QRS (test)", "Missed defects", "False alarms"):
         assert heading in html
     assert "resnet18 &middot; Grad-CAM++" in html and "0.5000" in html
+    cal = read_checkpoint(model)["meta"]["calibration"]
+    assert saved["options"]["calibration"] == {k: cal[k] for k in ("anchor", "quantile", "split", "n_parts")}
+    assert (f"(anchor good: 0.99 quantile of the map peaks of {cal['n_parts']} good {cal['split']} parts)") in html
     images = re.findall(r"src='data:image/png;base64,", html)
     n_top = min(8, len(rows)) + min(8, len(pd.read_csv(tmp_path / "x" / "gradcam_weights_train.csv")))
     assert len(images) >= 2 + 2 * n_top

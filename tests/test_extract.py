@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from qrs.cam import compute_cams
@@ -17,8 +18,9 @@ from qrs.cli import app
 from qrs.data.dataset import PreparedDataset
 from qrs.data.preparation import prepare
 from qrs.errors import QrsError
-from qrs.extract import ROW_COLUMNS, ScoreOptions, calibrate, extract, parse_modes
-from qrs.model import base_meta, build_model, load_checkpoint, normalize, read_checkpoint, save_checkpoint
+from qrs.extract import ROW_COLUMNS, ScoreOptions, calibrate, calibration_source, extract, parse_modes
+from qrs.model import (base_meta, build_model, load_checkpoint, normalize, read_checkpoint, save_checkpoint,
+                       update_checkpoint_meta)
 from qrs.score import quality_risk_score
 
 runner = CliRunner()
@@ -48,17 +50,98 @@ def _direct(model_path: Path, data: PreparedDataset, split: str, scale: float,
     return np.array(qrs), np.array(p), np.stack(raw)
 
 
-def test_calibrate_stores_the_median_peak_of_defective_training_images(prepared_small: Path,
-                                                                       checkpoint: Path) -> None:
-    cal = calibrate(checkpoint, prepared_small, progress=False, device="cpu")
-    model = load_checkpoint(checkpoint)
-    train = PreparedDataset(prepared_small).split("train")
-    peaks = [float(compute_cams(model, normalize(train[i]["image"][None], model.qrs_meta)).maps.max())
-             for i in range(len(train)) if train[i]["label"] == 1]
+def _peaks(model_path: Path, data: PreparedDataset, split: str, label: int) -> list[float]:
+    """Raw-map peaks at input size of one class of a split, image by image."""
+    model = load_checkpoint(model_path)
+    ds = data.split(split)
+    return [float(compute_cams(model, normalize(ds[i]["image"][None], model.qrs_meta)).maps.max())
+            for i in range(len(ds)) if ds[i]["label"] == label]
+
+
+def test_calibrate_defective_anchor_stores_the_median_peak_of_defective_training_images(
+        prepared_small: Path, checkpoint: Path) -> None:
+    cal = calibrate(checkpoint, prepared_small, anchor="defective", progress=False, device="cpu")
+    peaks = _peaks(checkpoint, PreparedDataset(prepared_small), "train", 1)
     assert cal["scale"] == pytest.approx(float(np.median(peaks)), rel=1e-5)
-    assert cal["n_defective_train"] == len(peaks)
+    assert (cal["anchor"], cal["quantile"], cal["split"], cal["n_parts"]) == ("defective", 0.5, "train", len(peaks))
     assert read_checkpoint(checkpoint)["meta"]["calibration"] == cal
     assert cal["risk_cuts"] is None and "too few defective validation parts" in cal["risk_note"]
+
+
+def test_calibrate_good_anchor_on_good_validation_parts(ksdd2_raw: Path, checkpoint: Path, tmp_path: Path) -> None:
+    data_root = tmp_path / "wide_val"
+    prepare("ksdd2", ksdd2_raw, data_root, img_size=32, val_fraction=0.75, progress=False)
+    data = PreparedDataset(data_root)
+    peaks = _peaks(checkpoint, data, "val", 0)
+    assert len(peaks) >= 20
+    cal = calibrate(checkpoint, data_root, progress=False, device="cpu")
+    assert cal["scale"] == pytest.approx(float(np.quantile(peaks, 0.99)) / 0.9, rel=1e-5)
+    assert (cal["anchor"], cal["quantile"], cal["split"], cal["n_parts"], cal["note"]) == \
+        ("good", 0.99, "val", len(peaks), "")
+    cal = calibrate(checkpoint, data_root, quantile=0.5, options=ScoreOptions(threshold=0.8), progress=False,
+                    device="cpu")
+    assert cal["scale"] == pytest.approx(float(np.median(peaks)) / 0.8, rel=1e-5)
+
+
+def test_calibrate_good_anchor_falls_back_to_good_training_parts(prepared_small: Path, checkpoint: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = PreparedDataset(prepared_small)
+    n_val_good = int(((data.index["split"] == "val") & (data.index["label"] == 0)).sum())
+    assert 0 < n_val_good < 20
+    cal = calibrate(checkpoint, prepared_small, progress=False, device="cpu")
+    peaks = _peaks(checkpoint, data, "train", 0)
+    assert cal["scale"] == pytest.approx(float(np.quantile(peaks, 0.99)) / 0.9, rel=1e-5)
+    assert (cal["split"], cal["n_parts"]) == ("train", len(peaks))
+    expected = (f"only {n_val_good} good validation parts (fewer than 20): the scale is taken from the "
+                f"{len(peaks)} good training parts instead")
+    assert cal["note"].startswith(expected) and f"note: {expected}" in capsys.readouterr().out
+
+
+def test_calibrate_cli_says_where_the_scale_came_from(prepared_small: Path, checkpoint: Path) -> None:
+    result = runner.invoke(app, ["calibrate", "--model", str(checkpoint), "--data-root", str(prepared_small),
+                                 "--anchor", "defective", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    cal = read_checkpoint(checkpoint)["meta"]["calibration"]
+    assert (f"scale {cal['scale']:.6g} = 0.5 quantile of the map peaks of {cal['n_parts']} defective training parts "
+            "(anchor defective)") in result.output
+
+
+def test_calibrate_errors(ksdd2_raw: Path, checkpoint: Path, tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    rows = ["source,split"]
+    for kind, split in (("good", "test"), ("defect", "train")):
+        (root / kind).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 40, 3), 60 + 40 * i, np.uint8)).save(root / kind / f"{i}.png")
+            rows.append(f"{kind}/{i}.png,{split}")
+    (root / "split.csv").write_text("\n".join(rows) + "\n")
+    prepare("folder", root, tmp_path / "all_bad", img_size=32, split_file=root / "split.csv", progress=False)
+    with pytest.raises(QrsError, match="has no good parts in its validation and training splits: cannot calibrate "
+                                       r"with --anchor good \(use --anchor defective\)"):
+        calibrate(checkpoint, tmp_path / "all_bad", progress=False, device="cpu")
+    with pytest.raises(QrsError, match=r"--quantile must be in \(0, 1\], got 1.5"):
+        calibrate(checkpoint, tmp_path / "all_bad", quantile=1.5, progress=False, device="cpu")
+    with pytest.raises(QrsError, match="unknown --anchor 'best'"):
+        calibrate(checkpoint, tmp_path / "all_bad", anchor="best", progress=False, device="cpu")
+    torch.manual_seed(0)
+    dead = build_model("resnet18")
+    torch.nn.init.zeros_(dead.fc.weight)
+    dead_path = tmp_path / "dead.pt"
+    save_checkpoint(dead_path, dead, base_meta("resnet18", 32))
+    with pytest.raises(QrsError, match="cannot calibrate .* on the train split .*: the class activation maps of all "
+                                       r"\d+ defective parts are zero everywhere \(is the model trained\?\)"):
+        calibrate(dead_path, tmp_path / "all_bad", anchor="defective", progress=False, device="cpu")
+
+
+def test_checkpoint_calibrated_by_the_first_version_reads_as_defective_median(prepared_small: Path,
+                                                                              checkpoint: Path) -> None:
+    old = {"scale": 2.5, "method": "gradcam++", "threshold": 0.9, "norm": "dataset", "aggregation": "mass",
+           "n_defective_train": 7, "risk_cuts": None, "risk_note": "no validation split: no risk levels"}
+    update_checkpoint_meta(checkpoint, calibration=old)
+    assert calibration_source(old) == {"anchor": "defective", "quantile": 0.5, "split": "train", "n_parts": 7}
+    res = extract(prepared_small, checkpoint, modes=["test"], out_dir=Path(prepared_small).parent / "old_cal",
+                  device="cpu", progress=False)
+    assert res.scale == 2.5 and read_checkpoint(checkpoint)["meta"]["calibration"] == old
 
 
 def test_paper_extract_command_line_and_file_contents(prepared_small: Path, checkpoint: Path,
@@ -70,7 +153,7 @@ def test_paper_extract_command_line_and_file_contents(prepared_small: Path, chec
             "--out-dir", str(out), "--device", "cpu"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "calibrating it first" in result.output
+    assert "has no calibration: calibrating it for gradcam++ at threshold 0.9 first (anchor good)" in result.output
     scale = read_checkpoint(checkpoint)["meta"]["calibration"]["scale"]
     data = PreparedDataset(prepared_small)
     for mode in ("train", "test"):

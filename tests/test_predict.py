@@ -152,6 +152,22 @@ def test_checkpoint_without_risk_cuts_omits_the_level(parts: Path, tmp_path: Pat
     assert "no risk levels" in result.note
 
 
+def test_checkpoint_calibrated_by_the_first_version_still_scores(parts: Path, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "v1.pt")
+    payload = torch.load(ckpt, weights_only=True)
+    cal = payload["meta"]["calibration"]
+    payload["meta"]["calibration"] = {k: cal[k] for k in ("scale", "method", "threshold", "norm", "aggregation",
+                                                          "risk_cuts", "risk_note")} | {"n_defective_train": 4}
+    torch.save(payload, ckpt)
+    scorer = Scorer.load(ckpt, device="cpu")
+    assert scorer.info()["calibration"] == {"anchor": "defective", "quantile": 0.5, "split": "train", "n_parts": 4}
+    row = score_files([parts / "defect_1.png"], ckpt, out=tmp_path, progress=False).rows[0]
+    batch = torch.from_numpy(np.stack([resize_image(part_image(1, True), SIDE, "stretch")])).permute(0, 3, 1, 2)
+    want = score_batch(scorer.model, batch, None, scale=cal["scale"], options=ScoreOptions())
+    assert row["norm"] == "dataset" and row["qrs"] == pytest.approx(float(want["qrs"][0]), abs=1e-6)
+    assert row["risk_level"] == risk_level(want["qrs"], (RISK_CUTS["low"], RISK_CUTS["high"]))[0]
+
+
 def test_overlay_png_over_the_original_aspect(checkpoint: Path, parts: Path, tmp_path: Path) -> None:
     roi_file = tmp_path / "roi.json"
     roi_file.write_text(json.dumps([[0.1, 0.1, 0.9, 0.9]]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -153,21 +154,42 @@ def test_monotone_in_threshold(maps, scale: float, taus: tuple[float, float], no
         assert (q_high <= q_low).all()
 
 
-def test_calibration_scale() -> None:
-    assert calibration_scale([1.0, 3.0, 2.0]) == 2.0
-    assert calibration_scale(torch.tensor([1.0, 2.0, 3.0, 10.0])) == 2.5  # even count: mean of 2 and 3
-    assert calibration_scale([0.0, 4.0, 4.0]) == 4.0  # zeros among the peaks are allowed
-    assert calibration_scale([1.0, 2.0, 3.0, 4.0, 5.0], quantile=0.25) == 2.0
+def test_calibration_scale_defective_anchor_is_the_peak_quantile() -> None:
+    assert calibration_scale([1.0, 3.0, 2.0], anchor="defective") == 2.0
+    assert calibration_scale(torch.tensor([1.0, 2.0, 3.0, 10.0]), anchor="defective") == 2.5  # mean of 2 and 3
+    assert calibration_scale([0.0, 4.0, 4.0], anchor="defective") == 4.0  # zeros among the peaks are allowed
+    assert calibration_scale([1.0, 2.0, 3.0, 4.0, 5.0], anchor="defective", quantile=0.25) == 2.0
+    assert calibration_scale([1.0, 3.0, 2.0], anchor="defective", threshold=0.5) == 2.0  # tau does not enter
+
+
+def test_calibration_scale_good_anchor_is_the_peak_quantile_over_tau() -> None:
+    peaks = np.arange(101, dtype=np.float64)  # quantile q of 0..100 is 100 q exactly
+    assert calibration_scale(peaks) == pytest.approx(99.0 / 0.9)
+    assert calibration_scale(peaks, quantile=0.5, threshold=0.8) == pytest.approx(50.0 / 0.8)
+    rng = np.random.default_rng(0)
+    sample = rng.gamma(2.0, size=57)
+    assert calibration_scale(sample, quantile=0.9, threshold=0.7) == pytest.approx(np.quantile(sample, 0.9) / 0.7)
+    # a map as strong as the q-quantile of the good peaks lands exactly on tau after normalisation
+    s = calibration_scale(sample, quantile=0.9, threshold=0.7)
+    assert float(normalize_maps(torch.full((1, 2, 2), float(np.quantile(sample, 0.9))), scale=s)[0, 0, 0]) == \
+        pytest.approx(0.7)
+
+
+def test_calibration_scale_errors() -> None:
     with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
         calibration_scale([1.0], quantile=0.0)
-    with pytest.raises(ValueError, match="at least one peak"):
+    with pytest.raises(ValueError, match="at least one good part"):
         calibration_scale([])
-    with pytest.raises(ValueError, match="all zero"):
-        calibration_scale([0.0, 0.0, 5.0])
+    with pytest.raises(ValueError, match="all 3 defective parts are zero everywhere"):
+        calibration_scale([0.0, 0.0, 0.0], anchor="defective")
+    with pytest.raises(ValueError, match="0.5 quantile of the map peaks of the 3 defective parts is 0"):
+        calibration_scale([0.0, 0.0, 5.0], anchor="defective")
     with pytest.raises(ValueError, match="finite and >= 0"):
         calibration_scale([1.0, float("nan")])
     with pytest.raises(ValueError, match="finite and >= 0"):
         calibration_scale([1.0, -2.0])
+    with pytest.raises(ValueError, match="unknown calibration anchor 'bad'"):
+        calibration_scale([1.0], anchor="bad")
 
 
 def test_risk_cuts_small_example() -> None:

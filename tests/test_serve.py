@@ -110,6 +110,7 @@ def test_model_route(client: TestClient, checkpoint: Path) -> None:
     assert info["arch"] == "resnet18" and info["img_size"] == SIDE and info["threshold"] == 0.9
     assert info["scale"] == pytest.approx(calibration["scale"]) and info["risk_cuts"] == RISK_CUTS
     assert info["calibrated"] is True and info["qrs_version"] == __version__ and info["resize"] == "stretch"
+    assert info["calibration"] == {"anchor": "good", "quantile": 0.99, "split": "val", "n_parts": 4}
 
 
 def test_score_equals_qrs_score(client: TestClient, images: list[Path], in_process: dict[str, dict]) -> None:

@@ -12,6 +12,7 @@ ClassWeights = Literal["auto", "none"]
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 Norm = Literal["dataset", "image"]
 Aggregation = Literal["mass", "area"]
+Anchor = Literal["good", "defective"]
 OutputFormat = Literal["jsonl", "csv"]
 
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -22,3 +23,4 @@ OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 METHODS: tuple[str, ...] = get_args(Method)
 NORMS: tuple[str, ...] = get_args(Norm)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+ANCHORS: tuple[str, ...] = get_args(Anchor)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from qrs.choices import (
-    Aggregation, Arch, Augment, ClassWeights, Format, Method, Norm, OutputFormat, Pretrained, ResizeMode, Split,
+    Aggregation, Anchor, Arch, Augment, ClassWeights, Format, Method, Norm, OutputFormat, Pretrained, ResizeMode,
+    Split,
 )
 from qrs.errors import QrsError
 
@@ -255,26 +256,31 @@ def calibrate(
     threshold: ThresholdOpt = 0.9,
     norm: NormOpt = "dataset",
     aggregation: AggregationOpt = "mass",
-    scale_quantile: Annotated[float, typer.Option(help="Quantile of the defective training images' map peaks "
-                                                       "taken as the scale (0.5: the median, QRS_SPEC).")] = 0.5,
+    anchor: Annotated[Anchor, typer.Option(help="Parts whose map peaks set the scale: good (validation parts; "
+                                                "scale = quantile / threshold) or defective (training parts; "
+                                                "scale = quantile, the first version's rule).")] = "good",
+    quantile: Annotated[Optional[float], typer.Option(help="Quantile of those peaks. (default: 0.99 for good, "
+                                                           "0.5 for defective)", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size.")] = 32,
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Store the QRS calibration scale and the risk cut points in a checkpoint.
+    """Store the QRS calibration scale and the risk cut points in a checkpoint (QRS_SPEC section 3).
 
-    Scale: median map peak over the training split's defective images. Cuts: from the validation split.
+    Default: scale = 0.99 quantile of the map peaks of the good validation parts / threshold, so about
+    99% of good parts score QRS 0. Cuts: from the validation split.
     """
     from qrs.distributed import is_main_process
-    from qrs.extract import calibrate as run_calibrate
+    from qrs.extract import calibrate as run_calibrate, describe_calibration
 
     cal = run_calibrate(model, data_root, options=_score_options(method, threshold, norm, aggregation, False),
-                        batch_size=batch_size, device=device, num_workers=num_workers, scale_quantile=scale_quantile)
+                        anchor=anchor, quantile=quantile, batch_size=batch_size, device=device,
+                        num_workers=num_workers)
     if not is_main_process():
         return
     cuts = cal["risk_cuts"]
-    typer.echo(f"calibrated {model}: scale {cal['scale']:.6g} from {cal['n_defective_train']} defective training "
-               f"images; " + (f"risk cuts low {cuts['low']:.4g}, high {cuts['high']:.4g}" if cuts else cal["risk_note"]))
+    typer.echo(f"calibrated {model}: {describe_calibration(cal)}; "
+               + (f"risk cuts low {cuts['low']:.4g}, high {cuts['high']:.4g}" if cuts else cal["risk_note"]))
 
 
 @app.command()

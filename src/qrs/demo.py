@@ -19,7 +19,7 @@ from qrs.data.dataset import PreparedDataset
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.evaluate import evaluate, format_table
-from qrs.extract import ScoreOptions, calibrate, extract
+from qrs.extract import ScoreOptions, calibrate, describe_calibration, extract
 from qrs.model import read_checkpoint
 from qrs.report import AnalyzeResult, analyze
 from qrs.train import TrainConfig, train
@@ -80,11 +80,11 @@ def run_demo(out: str | os.PathLike[str] = "demo-out", *, overwrite: bool = Fals
     print(format_table(results))
 
     model = run / "best_loss.pt"
-    calibrated = "calibration" in read_checkpoint(model)["meta"]
-    _step("calibrate the QRS scale and risk cut points", calibrated)
+    calibrated = "anchor" in (read_checkpoint(model)["meta"].get("calibration") or {})
+    _step("calibrate the QRS scale (anchor: good validation parts) and risk cut points", calibrated)
     if not calibrated:
         cal = calibrate(model, data, progress=progress)
-        print(f"scale {cal['scale']:.4g}; risk cuts {cal['risk_cuts'] or cal['risk_note']}")
+        print(f"{describe_calibration(cal)}; risk cuts {cal['risk_cuts'] or cal['risk_note']}")
 
     _step(f"extract Grad-CAM++ and QRS for train and test -> {ext}")
     extract(data, model, modes=["train", "test"], out_dir=ext, options=ScoreOptions(), progress=progress)

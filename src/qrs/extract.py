@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from qrs.analysis import localisation, qrs_statistics
 from qrs.atomic import write_bytes, write_text, write_with
 from qrs.cam import METHODS, compute_cams
-from qrs.choices import SPLITS
+from qrs.choices import ANCHORS, SPLITS
 from qrs.data.dataset import PreparedDataset
 from qrs.data.split_dataset import SplitDataset
 from qrs.distributed import DistContext, all_gather_objects, init_distributed, main_first, shard_indices
 from qrs.errors import QrsError
 from qrs.model import load_checkpoint, normalize, update_checkpoint_meta
-from qrs.score import AGGREGATIONS, NORMS, calibration_scale, normalize_maps, qrs_details, risk_cuts
+from qrs.score import (AGGREGATIONS, DEFAULT_QUANTILE, NORMS, calibration_scale, normalize_maps, qrs_details,
+                       risk_cuts)
 
 ROW_COLUMNS = ("id", "label", "defect_type", "p_defective", "prediction", "qrs", "area", "n_over", "mean_over",
                "max_over", "peak", "pointing_hit", "energy_in_boxes", "iou")
@@ -130,37 +131,90 @@ def _peaks(model: nn.Module, dataset: Dataset, ctx: DistContext, options: ScoreO
     return _gather_rows(parts, ctx)["peak"]
 
 
+MIN_GOOD_VALIDATION = 20
+"""Fewer good validation parts than this: the good anchor takes the good training parts instead."""
+
+
+def calibration_source(calibration: dict[str, Any]) -> dict[str, Any]:
+    """Where a calibration's scale came from: anchor, quantile, split and number of parts.
+
+    Checkpoints calibrated before the anchor existed hold only ``scale_quantile`` (or nothing) and
+    ``n_defective_train``: they are read as the rule of that version, ``defective`` at q = 0.5.
+    """
+    if "anchor" in calibration:
+        return {k: calibration[k] for k in ("anchor", "quantile", "split", "n_parts")}
+    return {"anchor": "defective", "quantile": float(calibration.get("scale_quantile", 0.5)), "split": "train",
+            "n_parts": calibration.get("n_defective_train")}
+
+
+def describe_calibration(calibration: dict[str, Any]) -> str:
+    """One line saying how the scale was computed, for the CLI, the service and the report."""
+    src = calibration_source(calibration)
+    kind = "good" if src["anchor"] == "good" else "defective"
+    rule = f" / tau {calibration['threshold']:g}" if src["anchor"] == "good" else ""
+    parts = f"{src['n_parts']} " if src["n_parts"] is not None else ""
+    return (f"scale {calibration['scale']:.6g} = {src['quantile']:g} quantile of the map peaks of {parts}{kind} "
+            f"{'validation' if src['split'] == 'val' else 'training'} parts{rule} (anchor {src['anchor']})")
+
+
+def _anchor_parts(data: PreparedDataset, anchor: str) -> tuple[str, list[int], str]:
+    """(split, indices within it, note) of the parts whose peaks set the scale (QRS_SPEC section 3)."""
+    if anchor == "defective":
+        labels = data.rows("train")["label"].tolist()
+        indices = [i for i, lab in enumerate(labels) if lab == 1]
+        if not indices:
+            raise QrsError(f"the training split of {data.root} has no defective images: cannot calibrate with "
+                           "--anchor defective")
+        return "train", indices, ""
+    has_val = bool((data.index["split"] == "val").any())
+    val_good = [i for i, lab in enumerate(data.rows("val")["label"].tolist()) if lab == 0] if has_val else []
+    if len(val_good) >= MIN_GOOD_VALIDATION:
+        return "val", val_good, ""
+    train_good = [i for i, lab in enumerate(data.rows("train")["label"].tolist()) if lab == 0]
+    if not train_good:
+        raise QrsError(f"{data.root} has no good parts in its validation and training splits: cannot calibrate "
+                       "with --anchor good (use --anchor defective)")
+    note = (f"only {len(val_good)} good validation parts (fewer than {MIN_GOOD_VALIDATION}): the scale is taken "
+            f"from the {len(train_good)} good training parts instead, on which the model was fitted")
+    return "train", train_good, note
+
+
 def calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[str], *,
-              options: ScoreOptions = ScoreOptions(), batch_size: int = 32, device: str = "auto",
-              num_workers: int = 0, scale_quantile: float = 0.5, progress: bool = True) -> dict[str, Any]:
-    """Compute the calibration scale (median map peak over the training split's defective images,
-    or another ``scale_quantile``) and the risk cut points (validation split), store them in the
+              options: ScoreOptions = ScoreOptions(), anchor: str = "good", quantile: float | None = None,
+              batch_size: int = 32, device: str = "auto", num_workers: int = 0,
+              progress: bool = True) -> dict[str, Any]:
+    """Compute the calibration scale (QRS_SPEC section 3: ``anchor`` good or defective, peak
+    ``quantile``, default 0.99 or 0.5) and the risk cut points (validation split), store them in the
     checkpoint, and return them."""
     return _calibrate(model_path, data_root, options, batch_size, num_workers, progress, init_distributed(device),
-                      scale_quantile)
+                      anchor, quantile)
 
 
 def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[str], options: ScoreOptions,
-               batch_size: int, num_workers: int, progress: bool, ctx: DistContext,
-               scale_quantile: float = 0.5) -> dict[str, Any]:
+               batch_size: int, num_workers: int, progress: bool, ctx: DistContext, anchor: str = "good",
+               quantile: float | None = None) -> dict[str, Any]:
+    if anchor not in ANCHORS:
+        raise QrsError(f"unknown --anchor {anchor!r}; expected one of {', '.join(ANCHORS)}")
+    quantile = DEFAULT_QUANTILE[anchor] if quantile is None else float(quantile)
+    if not 0 < quantile <= 1:
+        raise QrsError(f"--quantile must be in (0, 1], got {quantile:g}")
     model = load_checkpoint(model_path, device=ctx.device)
     data = PreparedDataset(data_root)
     _check_sizes(model, data, None)
-    train = data.split("train")
-    defective = [i for i, lab in enumerate(train.labels.tolist()) if lab == 1]
-    if not defective:
-        raise QrsError(f"the training split of {data.root} has no defective images: cannot calibrate")
+    split, indices, note = _anchor_parts(data, anchor)
     has_val = bool((data.index["split"] == "val").any())
     _build_caches(data, ["train", "val"] if has_val else ["train"], ctx, progress)
-    peaks = _peaks(model, Subset(train, defective), ctx, options, batch_size, num_workers, progress)
+    if note and ctx.is_main:
+        print(f"note: {note}")
+    peaks = _peaks(model, Subset(data.split(split), indices), ctx, options, batch_size, num_workers, progress)
     try:
-        scale = calibration_scale(peaks, scale_quantile)
+        scale = calibration_scale(peaks, anchor=anchor, quantile=quantile, threshold=options.threshold)
     except ValueError as exc:
-        raise QrsError(str(exc)) from exc
-    calibration: dict[str, Any] = {"scale": scale, "scale_quantile": scale_quantile, "method": options.method,
-                                   "threshold": options.threshold,
-                                   "norm": options.norm, "aggregation": options.aggregation,
-                                   "n_defective_train": len(defective), "risk_cuts": None, "risk_note": ""}
+        raise QrsError(f"cannot calibrate {model_path} on the {split} split of {data.root}: {exc}") from exc
+    calibration: dict[str, Any] = {"scale": scale, "anchor": anchor, "quantile": quantile, "split": split,
+                                   "n_parts": len(indices), "note": note, "method": options.method,
+                                   "threshold": options.threshold, "norm": options.norm,
+                                   "aggregation": options.aggregation, "risk_cuts": None, "risk_note": ""}
     if has_val:
         rows = _score_split(model, data.split("val"), ctx, scale, options, batch_size, num_workers, progress,
                             desc="risk cuts")
@@ -240,7 +294,8 @@ def extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str]
             progress: bool = True) -> ExtractResult:
     """Grad-CAM++ and QRS for every image of ``modes``; writes the npz, xlsx and csv of spec section 8.
 
-    Calibrates the checkpoint first when it has no calibration scale and ``norm="dataset"``.
+    With ``norm="dataset"`` the checkpoint is calibrated first when it has no calibration for
+    ``options.method`` (or, anchored on good parts, for ``options.threshold``, which enters the scale).
     """
     return _extract(data_dir, model_path, list(modes), coords_path, output_prefix, excel_prefix, out_dir, options,
                     batch_size, num_workers, img_size, progress, init_distributed(device))
@@ -258,13 +313,19 @@ def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str
     for mode in modes:
         data.rows(mode)
     scale = None
+    calibration: dict[str, Any] = {}
     if options.effective_norm == "dataset":
         calibration = model.qrs_meta.get("calibration") or {}
-        if calibration.get("method") != options.method:
+        source = calibration_source(calibration) if calibration else {"anchor": "good", "quantile": None}
+        stale = calibration.get("method") != options.method or (
+            source["anchor"] == "good" and calibration.get("threshold") != options.threshold)
+        if stale:
             if ctx.is_main:
-                print(f"{model_path} has no calibration for {options.method}: calibrating it first "
-                      "(median map peak of the defective training images)")
-            calibration = _calibrate(model_path, data_dir, options, batch_size, num_workers, progress, ctx)
+                why = "has no calibration" if not calibration else "is calibrated for another method or threshold"
+                print(f"{model_path} {why}: calibrating it for {options.method} at threshold {options.threshold:g} "
+                      f"first (anchor {source['anchor']})")
+            calibration = _calibrate(model_path, data_dir, options, batch_size, num_workers, progress, ctx,
+                                     source["anchor"], source["quantile"])
         scale = float(calibration["scale"])
     _build_caches(data, modes, ctx, progress)
     excel_prefix = excel_prefix or f"over_{options.threshold:g}_weights"
@@ -279,7 +340,8 @@ def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str
         frames[mode] = rows
         if ctx.is_main:
             meta = {"mode": mode, "arch": model.qrs_meta["arch"], "model_path": str(model_path),
-                    "data_dir": str(data_dir), "img_size": data.img_size, "scale": scale, **asdict(options),
+                    "data_dir": str(data_dir), "img_size": data.img_size, "scale": scale,
+                    "calibration": calibration_source(calibration) if calibration else None, **asdict(options),
                     "excel_prefix": excel_prefix, "output_prefix": output_prefix}
             files[mode] = _write_mode(out, output_prefix, excel_prefix, mode, rows, result, meta)
     return ExtractResult(files, frames, scale)

@@ -28,7 +28,7 @@ from qrs.atomic import write_bytes, write_text
 from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
 from qrs.data.regions import Region, RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
-from qrs.extract import ScoreOptions, score_batch
+from qrs.extract import ScoreOptions, calibration_source, score_batch
 from qrs.images import ImageError, is_image_file, open_rgb, pad_geometry, resize_image
 from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
@@ -130,6 +130,7 @@ class Scorer:
             "aggregation": self.options.aggregation,
             "calibrated": bool(calibration),
             "scale": self.scale,
+            "calibration": calibration_source(calibration) if calibration else None,
             "risk_cuts": {"low": self.cuts[0], "high": self.cuts[1]} if self.cuts else None,
             "note": self.note,
             "qrs_version": __version__,

@@ -132,6 +132,15 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
     return AnalyzeResult(out, report, stats, plots, metrics_obj)
 
 
+def _calibration_text(source: dict[str, Any] | None) -> str:
+    """Where the scale came from, e.g. " (anchor good: 0.99 quantile of 120 val parts' peaks)"."""
+    if not source:
+        return ""
+    n = f"{source['n_parts']} " if source.get("n_parts") is not None else ""
+    return (f" (anchor {html.escape(source['anchor'])}: {source['quantile']:g} quantile of the map peaks of {n}"
+            f"{html.escape(source['anchor'])} {html.escape(source['split'])} parts)")
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -221,7 +230,7 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
     method = METHOD_LABELS.get(opts["method"], opts["method"])
     settings = (f"{html.escape(opts['arch'])} &middot; {method} &middot; &tau; = {opts['threshold']} &middot; "
                 f"norm {opts['norm']}{' (compat)' if opts['compat'] else ''} &middot; aggregation {opts['aggregation']}"
-                f" &middot; calibration scale {_fmt_p(opts['scale'])}")
+                f" &middot; calibration scale {_fmt_p(opts['scale'])}{_calibration_text(opts.get('calibration'))}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>QRS report</title>
 <style>

@@ -114,26 +114,39 @@ def qrs_details(
     }
 
 
-def calibration_scale(peaks: Tensor | Sequence[float], quantile: float = 0.5) -> float:
-    """The dataset-norm scale s: median of the raw-map peaks of the defective training images.
+DEFAULT_QUANTILE = {"good": 0.99, "defective": 0.5}
+"""The peak quantile q per calibration anchor (QRS_SPEC section 3)."""
 
-    ``quantile`` (default 0.5, the spec's median) can place s lower in the peak distribution, so
-    that more defective parts reach the threshold (see the README, "What the numbers mean").
+
+def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", quantile: float | None = None,
+                      threshold: float = 0.9) -> float:
+    """The dataset-norm scale s from the raw-map peaks of the anchor parts (QRS_SPEC section 3).
+
+    ``good`` (peaks of good parts): s = P_q / tau, so M reaches tau exactly where the map is stronger
+    than a share q of good parts ever show (q defaults to 0.99). ``defective`` (peaks of defective
+    training parts, the first version's rule): s = P_q (q defaults to 0.5, the median). P_q is the
+    q-quantile with linear interpolation.
     """
-    if not 0 < quantile <= 1:
-        raise ValueError(f"the scale quantile must be in (0, 1], got {quantile}")
+    if anchor not in DEFAULT_QUANTILE:
+        raise ValueError(f"unknown calibration anchor {anchor!r}; valid: {', '.join(DEFAULT_QUANTILE)}")
+    q = DEFAULT_QUANTILE[anchor] if quantile is None else float(quantile)
+    if not 0 < q <= 1:
+        raise ValueError(f"the calibration quantile must be in (0, 1], got {q:g}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     values = torch.as_tensor(peaks, dtype=torch.float64).flatten()
     if values.numel() == 0:
-        raise ValueError("calibration_scale needs at least one peak (defective training images)")
+        raise ValueError(f"calibration needs the map peaks of at least one {anchor} part")
     if not torch.isfinite(values).all() or (values < 0).any():
         raise ValueError("map peaks must be finite and >= 0")
-    scale = float(torch.quantile(values, quantile))
-    if scale == 0:
-        raise ValueError(
-            f"the {quantile:g} quantile of the map peaks is 0: the class activation maps of the defective images are all zero "
-            "(is the model trained?)"
-        )
-    return scale
+    if not (values > 0).any():
+        raise ValueError(f"the class activation maps of all {values.numel()} {anchor} parts are zero everywhere "
+                         "(is the model trained?)")
+    peak_q = float(torch.quantile(values, q))
+    if peak_q == 0:
+        raise ValueError(f"the {q:g} quantile of the map peaks of the {values.numel()} {anchor} parts is 0 (at least "
+                         f"that share of them has an all-zero map): raise the quantile (up to 1)")
+    return peak_q / threshold if anchor == "good" else peak_q
 
 
 MIN_DEFECTIVE_FOR_CUTS = 5

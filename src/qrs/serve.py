@@ -79,6 +79,16 @@ class RiskCuts(BaseModel):
     high: float
 
 
+class CalibrationInfo(BaseModel):
+    """Where the calibration scale came from (QRS_SPEC section 3)."""
+
+    anchor: str = Field(description="good: scale = quantile of good parts' map peaks / threshold; defective: "
+                                    "scale = quantile of defective training parts' peaks")
+    quantile: float
+    split: str = Field(description="split of the parts whose peaks were used")
+    n_parts: Optional[int] = None
+
+
 class ModelInfo(BaseModel):
     """The served model and how it scores."""
 
@@ -93,6 +103,7 @@ class ModelInfo(BaseModel):
     aggregation: str
     calibrated: bool
     scale: Optional[float] = None
+    calibration: Optional[CalibrationInfo] = None
     risk_cuts: Optional[RiskCuts] = None
     note: str = Field(description="Why QRS is not comparable across images or levels are missing, if so.")
     qrs_version: str
