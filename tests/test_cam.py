@@ -12,7 +12,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
-from qrs.cam import METHODS, CamResult, compute_cams
+from qrs.cam import METHODS, CamResult, compute_cams, gap_linear
+from qrs.model import build_model
 
 GRAD_CAM_CLASSES = {
     "gradcam": GradCAM,
@@ -322,7 +323,8 @@ def test_layer_errors(model: nn.Module, images: Tensor) -> None:
         compute_cams(model, images[:1], layer="layer9")
     with pytest.raises(ValueError, match="not a submodule"):
         compute_cams(model, images[:1], layer=nn.Conv2d(3, 3, 1))
-    with pytest.raises(ValueError, match="no 'layer4'"):
+    with pytest.raises(ValueError, match=r"no default target layer \('layer4' for torchvision ResNets, 'bn2' for "
+                                         r"EfficientNet-Lite0\); pass layer="):
         compute_cams(Wrapped(model).eval(), images[:1])
 
 
@@ -344,3 +346,38 @@ def test_layer_that_runs_twice_is_refused(images: Tensor) -> None:
     with pytest.raises(ValueError, match="ran 2 times"):
         compute_cams(Twice().eval(), images[:1], layer="block")
 
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0 (timm), the same fast path
+
+
+@pytest.fixture(scope="module")
+def lite0() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("efficientnet_lite0", pretrained="imagenet").eval()
+
+
+def test_lite0_takes_the_closed_form_path_at_its_head_activation(lite0: nn.Module) -> None:
+    split = gap_linear(lite0)
+    assert split is not None and split.linear is lite0.classifier
+    assert gap_linear(lite0, "blocks.6") is None and gap_linear(Wrapped(lite0), "net.bn2") is None
+    assert gap_linear(tiny_resnet(), "layer3") is None and gap_linear(tiny_resnet()).linear.out_features == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lite0_fast_path_matches_autograd_path(lite0: nn.Module, images: Tensor, method: str) -> None:
+    fast = compute_cams(lite0, images, method=method)
+    general = compute_cams(Wrapped(lite0).eval(), images, method=method, layer="net.bn2")
+    assert fast.raw.shape == (4, 3, 3) and fast.raw.abs().max() > 0
+    torch.testing.assert_close(fast.raw, general.raw, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.maps, general.maps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.logits, lite0(images), atol=1e-5, rtol=0)
+
+
+def test_lite0_compat_matches_grad_cam_package(lite0: nn.Module, images: Tensor) -> None:
+    with GradCAMPlusPlus(lite0, target_layers=[lite0.bn2]) as cam:
+        expected = cam(images, targets=[ClassifierOutputTarget(1)] * 4)
+    lite0.zero_grad(set_to_none=True)
+    ours = compute_cams(lite0, images, compat=True)
+    assert expected.max() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(ours.maps.numpy(), expected, atol=1e-4, rtol=0)

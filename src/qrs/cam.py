@@ -4,9 +4,10 @@ The machinery is written once: get the target layer's activations A (B x K x h x
 g = dy/dA of the target-class logit y, and the logits, then each method is a small function of (A, g).
 Two ways to get (A, g), chosen automatically (QRS_SPEC section 2):
 
-- fast path: a torchvision ResNet explained at ``layer4``, whose head is global average pooling and
-  one Linear layer, has g_k(i,j) = W[c,k] / (h w) constant over (i,j), so the map costs one forward
-  pass and no autograd at all;
+- fast path: a model qrs can explain in closed form (:class:`GapLinear`: its target feature map is
+  followed by global average pooling, optional dropout and one Linear layer; torchvision ResNets at
+  ``layer4``, timm's EfficientNet-Lite0 at ``bn2``) has g_k(i,j) = W[c,k] / (h w) constant over
+  (i,j), so the map costs one forward pass and no autograd at all;
 - general path (any other model or layer): a forward hook captures A for the length of the call and
   ``torch.autograd.grad`` differentiates the logits with respect to A only, never the parameters.
 """
@@ -106,12 +107,86 @@ _COMPAT_CAMS: dict[str, CamFunction] = {"gradcam++": _gradcam_pp_compat}
 """Methods whose grad-cam package formula differs from ours; the others only differ in scaling."""
 
 
+@dataclass(frozen=True)
+class GapLinear:
+    """How a model qrs can explain in closed form computes its logits: ``features(x)`` is the target
+    feature map A (B x K x h x w), and ``head(A) = linear(dropout(mean_ij A))``.
+
+    The gradient of a logit with respect to A is then the linear layer's weight row over h w, the
+    same at every position (QRS_SPEC section 2), so no backward pass is needed.
+    """
+
+    features: Callable[[Tensor], Tensor]
+    head: Callable[[Tensor], Tensor]
+    linear: nn.Linear
+
+    def gradient(self, a: Tensor, target_class: int) -> Tensor:
+        """g = dy_c / dA = W[c, k] / (h w), expanded to A's shape."""
+        h, w = a.shape[-2:]
+        return (self.linear.weight[target_class] / (h * w)).to(a.dtype).view(1, -1, 1, 1).expand_as(a)
+
+
+def _resnet_split(model: nn.Module, layer: nn.Module) -> GapLinear | None:
+    """torchvision ResNet with its own forward, explained at ``layer4``, 1x1 average pool, Linear fc."""
+    if not (isinstance(model, ResNet) and type(model).forward is ResNet.forward
+            and type(model)._forward_impl is ResNet._forward_impl and layer is model.layer4
+            and isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and model.avgpool.output_size in (1, (1, 1))
+            and isinstance(model.fc, nn.Linear)):
+        return None
+
+    def features(x: Tensor) -> Tensor:
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+    return GapLinear(features, lambda a: model.fc(torch.flatten(model.avgpool(a), 1)), model.fc)
+
+
+def _efficientnet_split(model: nn.Module, layer: nn.Module) -> GapLinear | None:
+    """timm EfficientNet (EfficientNet-Lite0) with its own forward, explained at ``bn2`` (the head
+    convolution's activation), average pooling, dropout, Linear classifier."""
+    if not type(model).__module__.startswith("timm."):
+        return None
+    from timm.layers import SelectAdaptivePool2d
+    from timm.models.efficientnet import EfficientNet
+
+    cls = type(model)
+    if not (isinstance(model, EfficientNet) and cls.forward is EfficientNet.forward
+            and cls.forward_features is EfficientNet.forward_features
+            and cls.forward_head is EfficientNet.forward_head and layer is model.bn2
+            and isinstance(model.global_pool, SelectAdaptivePool2d) and model.global_pool.pool_type == "avg"
+            and isinstance(model.global_pool.flatten, nn.Flatten) and isinstance(model.classifier, nn.Linear)):
+        return None
+    return GapLinear(model.forward_features, model.forward_head, model.classifier)
+
+
+_SPLITS = (_resnet_split, _efficientnet_split)
+_DEFAULT_LAYERS = (("layer4", "torchvision ResNets"), ("bn2", "EfficientNet-Lite0"))
+
+
+def gap_linear(model: nn.Module, layer: nn.Module | str | None = None) -> GapLinear | None:
+    """The closed-form split of ``model`` at ``layer`` (default: its usual target layer), or None when
+    the model's logits are not GAP + dropout + Linear of that layer's output (use autograd then).
+
+    Hooks on the model itself rule it out: the split calls the submodules, not the model's forward.
+    """
+    target = _resolve_layer(model, layer)
+    if model._forward_hooks or model._forward_pre_hooks:
+        return None
+    for split in _SPLITS:
+        found = split(model, target)
+        if found is not None:
+            return found
+    return None
+
+
 def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
     if layer is None:
-        found = getattr(model, "layer4", None)
-        if not isinstance(found, nn.Module):
-            raise ValueError("model has no 'layer4' module; pass layer= (a module or a dotted name)")
-        return found
+        for name, _ in _DEFAULT_LAYERS:
+            found = getattr(model, name, None)
+            if isinstance(found, nn.Module):
+                return found
+        known = ", ".join(f"'{name}' for {what}" for name, what in _DEFAULT_LAYERS)
+        raise ValueError(f"model has no default target layer ({known}); pass layer= (a module or a dotted name)")
     if isinstance(layer, str):
         try:
             return model.get_submodule(layer)
@@ -124,25 +199,6 @@ def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module
     raise ValueError(f"layer must be None, an nn.Module or a dotted name, got {type(layer).__name__}")
 
 
-def _is_gap_linear_resnet(model: nn.Module, layer: nn.Module) -> bool:
-    """True when ``model(x)`` is exactly fc(flatten(avgpool(layer4(...)))) with a 1x1 average pool.
-
-    The ResNet type with its own forward is required because the fast path replays that forward
-    module by module; hooks on the model itself would be skipped by the replay, so they rule it out.
-    """
-    return (
-        isinstance(model, ResNet)
-        and type(model).forward is ResNet.forward
-        and type(model)._forward_impl is ResNet._forward_impl
-        and layer is model.layer4
-        and isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
-        and model.avgpool.output_size in (1, (1, 1))
-        and isinstance(model.fc, nn.Linear)
-        and not model._forward_hooks
-        and not model._forward_pre_hooks
-    )
-
-
 def _check_target(logits: Tensor, target_class: int) -> None:
     if logits.dim() != 2:
         raise ValueError(f"model output must be B x num_classes logits, got shape {tuple(logits.shape)}")
@@ -150,15 +206,13 @@ def _check_target(logits: Tensor, target_class: int) -> None:
         raise ValueError(f"target_class {target_class} out of range for {logits.shape[1]} classes")
 
 
-def _fast_activations(model: ResNet, images: Tensor, target_class: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(A, g, logits) for a GAP + Linear ResNet head from one forward pass, without autograd."""
+def _fast_activations(split: GapLinear, images: Tensor, target_class: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, g, logits) of a closed-form model from one forward pass, without autograd."""
     with torch.no_grad():
-        x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
-        a = model.layer4(model.layer3(model.layer2(model.layer1(x))))
-        logits = model.fc(torch.flatten(model.avgpool(a), 1))
+        a = split.features(images)
+        logits = split.head(a)
         _check_target(logits, target_class)
-        h, w = a.shape[-2:]
-        g = (model.fc.weight[target_class] / (h * w)).to(a.dtype).view(1, -1, 1, 1).expand_as(a)
+        g = split.gradient(a, target_class)
     return a, g, logits
 
 
@@ -224,7 +278,8 @@ def compute_cams(
     """Class activation maps of ``target_class`` for a batch, plus the logits of the same pass.
 
     model: in eval mode. images: B x 3 x H x W, already normalised; moved to the model's device.
-    layer: None for the model's ``layer4``, a submodule, or a dotted submodule name.
+    layer: None for the model's usual target layer (``layer4`` of a ResNet, ``bn2`` of EfficientNet-Lite0),
+    a submodule, or a dotted submodule name.
     compat: reproduce the grad-cam package (its Grad-CAM++ alpha, and its per-image min-max scaling
     applied before and after the upsampling, in its order) instead of the spec's raw maps.
     """
@@ -246,8 +301,9 @@ def compute_cams(
     if reference is not None:
         images = images.to(reference.device)
 
-    if _is_gap_linear_resnet(model, target_layer):
-        a, g, logits = _fast_activations(model, images, target_class)
+    split = gap_linear(model, target_layer)
+    if split is not None:
+        a, g, logits = _fast_activations(split, images, target_class)
     else:
         a, g, logits = _autograd_activations(model, target_layer, images, target_class)
 

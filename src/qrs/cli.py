@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from qrs.choices import (
-    Aggregation, Anchor, Arch, Augment, ClassWeights, Format, Method, Norm, OutputFormat, Pretrained, ResizeMode,
-    Split,
+    Aggregation, Anchor, Arch, Augment, ClassWeights, Format, Method, Norm, Optimizer, OutputFormat, Pretrained,
+    ResizeMode, Schedule, Split,
 )
 from qrs.errors import QrsError
 
@@ -118,8 +118,11 @@ def train(
     best_acc_path: Annotated[Optional[Path], typer.Option("--best_acc_path", "--best-acc-path",
                                                           help="Checkpoint of the highest validation accuracy. "
                                                                "(default: OUT/best_acc.pt)")] = None,
-    arch: Annotated[Arch, typer.Option(help="torchvision ResNet (the paper uses resnet50).")] = "resnet50",
-    pretrained: Annotated[Pretrained, typer.Option(help="Start from ImageNet weights (downloaded) or from scratch.")] = "none",
+    arch: Annotated[Arch, typer.Option(help="torchvision ResNet (the paper uses resnet50) or timm's "
+                                            "efficientnet_lite0 (its ImageNet weights come installed).")] = "resnet50",
+    pretrained: Annotated[Pretrained, typer.Option(help="Start from ImageNet weights (ResNets: downloaded by "
+                                                        "torchvision; efficientnet_lite0: from the installed "
+                                                        "package, offline) or from scratch.")] = "none",
     weights: Annotated[Optional[Path], typer.Option(help="Start from a torchvision-format state dict file. (default: none)")] = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed and data give the same checkpoint on CPU.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
@@ -128,7 +131,13 @@ def train(
     class_weights: Annotated[ClassWeights, typer.Option(help="auto: weight the loss by inverse class frequency.")] = "auto",
     augment: Annotated[Augment, typer.Option(help="none, flip (h/v flips) or standard (flips, 90-degree turns, "
                                                   "brightness/contrast).")] = "flip",
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
+    optimizer: Annotated[Optimizer, typer.Option(help="adam (the paper's) or adamw (decoupled weight decay).")] = "adam",
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule, stepped every batch: constant, cosine "
+                                                    "(decay to 0) or onecycle (warm up to the learning rate, then "
+                                                    "anneal).")] = "constant",
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up in epochs (fractions allowed) for constant and "
+                                                      "cosine; for onecycle the rising phase (0: 30% of the run).")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay of the optimiser.")] = 0.0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (bounds the "
                                                         "logits, so defect evidence is on a similar scale across "
                                                         "parts).")] = 0.0,
@@ -136,13 +145,14 @@ def train(
                                                      "(default: runs/ beside the data)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
 ) -> None:
-    """Train the ResNet pass/fail classifier; keep the best-loss and best-accuracy checkpoints."""
+    """Train the pass/fail classifier; keep the best-loss and best-accuracy checkpoints."""
     from qrs.distributed import is_main_process
     from qrs.train import TrainConfig, train as run_train
 
     result = run_train(TrainConfig(
         data_root=data_root, out=out, arch=arch, pretrained=pretrained, weights=weights, num_epochs=num_epochs,
-        batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
+        warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
         patience=patience, seed=seed,
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
         best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,

