@@ -29,7 +29,8 @@ from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
 from qrs.data.regions import Region, RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
-from qrs.images import ImageError, is_image_file, open_rgb, pad_geometry, resize_image
+from qrs.files import is_image_file
+from qrs.images import ImageError, open_rgb, pad_geometry, resize_image
 from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import risk_level
