@@ -52,6 +52,7 @@ class Listing:
     image_dirs: int = 0
 
     def skip(self, source: str, reason: str) -> None:
+        """List ``source`` as skipped for ``reason``."""
         self.skipped.append((printable(source), reason))
 
 
