@@ -159,6 +159,17 @@ def test_bad_roi_is_422(client: TestClient, images: list[Path], data: str, messa
     assert response.status_code == 422 and message in response.json()["detail"]
 
 
+def test_an_upload_name_that_is_not_utf8_is_scored_under_its_latin1_reading(client: TestClient,
+                                                                            images: list[Path]) -> None:
+    """Upload names are text once the multipart parser has read them (UTF-8, else Latin-1), never bytes
+    that a response could not hold: the image is scored and named in JSON."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"bad\xffname.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + images[0].read_bytes() + b"\r\n--b--\r\n")
+    response = client.post("/v1/score", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 200, response.text
+    assert [r["file"] for r in response.json()["results"]] == ["bad\u00ffname.png"]
+
+
 def test_bad_images_are_422_and_name_the_file(client: TestClient, images: list[Path]) -> None:
     whole = images[0].read_bytes()
     cases = {

@@ -9,25 +9,19 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from qrs.errors import QrsError
+from qrs.files import file_problem, printable
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 50_000_000
 """Images larger than this are refused as possible decompression bombs."""
 
 
 class ImageError(QrsError, ValueError):
     """An image file that cannot be used, with the reason as its message."""
-
-
-def is_image_file(path: str | os.PathLike[str]) -> bool:
-    """True when the file name has one of the accepted image extensions."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -64,6 +58,13 @@ def _readable_errors() -> Iterator[None]:
         raise ImageError(f"unreadable or truncated image: {exc}") from exc
 
 
+def _check_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`ImageError` unless ``path`` is a regular file: a FIFO or a device is never opened."""
+    problem = file_problem(path)
+    if problem:
+        raise ImageError(f"{problem}: {printable(path)}")
+
+
 def _open(source: str | os.PathLike[str] | bytes, max_pixels: int) -> Image.Image:
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings(), _readable_errors():
@@ -86,8 +87,8 @@ def open_rgb(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PI
     Raises :class:`ImageError` with a human-readable reason for anything else. Callers resize the
     result in Pillow (``np.asarray`` gives an array): a full-size numpy copy costs a tenth of the decode.
     """
-    if not isinstance(source, bytes) and not Path(source).is_file():
-        raise ImageError(f"no such file: {source}")
+    if not isinstance(source, bytes):
+        _check_file(source)
     return _open(source, max_pixels)
 
 
@@ -101,8 +102,7 @@ def open_mask(path: str | os.PathLike[str]) -> Image.Image:
     16-bit, colour and palette masks go through numpy. ``getbbox()`` of the result is ``None``
     exactly when the mask is empty.
     """
-    if not Path(path).is_file():
-        raise ImageError(f"no such file: {path}")
+    _check_file(path)
     with _readable_errors(), Image.open(path) as img:
         if img.width * img.height > MAX_PIXELS:
             raise ImageError(f"mask is {img.width}x{img.height}, over the {MAX_PIXELS / 1e6:.0f} megapixel limit")

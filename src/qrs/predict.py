@@ -29,7 +29,10 @@ from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
 from qrs.data.regions import Region, RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, calibration_source, score_batch
-from qrs.images import ImageError, is_image_file, open_rgb, pad_geometry, resize_image
+from qrs.files import (
+    Entries, file_problem, ignored_dirs_note, is_image_file, list_entries, name_problem, printable, shorten,
+)
+from qrs.images import ImageError, open_rgb, pad_geometry, resize_image
 from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import risk_level
@@ -196,46 +199,56 @@ class Scorer:
         return png_bytes(render_overlay(view, m_view, roi, roi & (m_view >= self.options.threshold)))
 
 
-def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, and the image files under directories (recursively, sorted)."""
+def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> Entries:
+    """Files as given, and the entries with an image suffix under directories (recursively, sorted),
+    special files included (they get error rows); directories with an image suffix are counted."""
     files: list[Path] = []
+    image_dirs = 0
     for entry in map(Path, inputs):
         if entry.is_dir():
-            files.extend(sorted(p for p in entry.rglob("*") if p.is_file() and is_image_file(p)))
+            found = list_entries(entry)
+            files.extend(p for p in found.files if is_image_file(p))
+            image_dirs += found.image_dirs
         else:
             files.append(entry)
     if not files:
-        raise QrsError(f"no image files in {', '.join(str(p) for p in inputs) or 'the arguments'}")
-    return files
+        raise QrsError(f"no image files in {', '.join(printable(p) for p in inputs) or 'the arguments'}")
+    return Entries(files, image_dirs)
 
 
 @dataclass
 class ScoreFilesResult:
-    """The rows (input order), the file they were written to and the number of unreadable images."""
+    """The rows (input order), the file they were written to, the number of unreadable images and of
+    directories with an image suffix that were ignored."""
 
     rows: list[dict[str, Any]]
     output: Path
     n_errors: int
     note: str
+    image_dirs: int = 0
 
     def headline(self) -> str:
         """A summary line, then one line per unreadable file."""
         verdicts = [r.get("verdict") for r in self.rows]
+        ignored = ignored_dirs_note(self.image_dirs)
         lines = [f"scored {len(self.rows) - self.n_errors} of {len(self.rows)} images: {verdicts.count('fail')} "
-                 f"fail, {verdicts.count('pass')} pass, {self.n_errors} unreadable -> {self.output}"]
+                 f"fail, {verdicts.count('pass')} pass, {self.n_errors} unreadable -> {self.output}"
+                 + (f"; {ignored}" if ignored else "")]
         lines += [f"unreadable {r['file']}: {r['error']}" for r in self.rows if "error" in r]
         return "\n".join(lines)
 
 
 def _overlay_paths(files: Sequence[Path], directory: Path) -> list[Path]:
-    """One overlay PNG per input, named by its stem, with a suffix where stems repeat."""
+    """One overlay PNG per input, named by its stem (shortened, see :func:`qrs.files.shorten`), with a
+    suffix where stems repeat."""
     used: set[str] = set()
     paths = []
     for file in files:
-        name, k = file.stem, 1
+        stem = shorten(file.stem)
+        name, k = stem, 1
         while name in used:
             k += 1
-            name = f"{file.stem}_{k}"
+            name = f"{stem}_{k}"
         used.add(name)
         paths.append(directory / f"{name}.png")
     return paths
@@ -259,13 +272,16 @@ def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.P
     """Score image files and directories; write ``OUT/scores.<fmt>`` (and ``OUT/overlays/*.png``).
 
     An unreadable file gets a row with its error and the others are still scored; the caller
-    decides what the errors mean (the CLI exits with 1).
+    decides what the errors mean (the CLI exits with 1). Special files are never opened and a file
+    whose name is not UTF-8 is not scored (see :mod:`qrs.files`): both get error rows, the name
+    written by :func:`qrs.files.printable`.
     """
     if fmt not in OUTPUT_FORMATS:
         raise QrsError(f"unknown --format {fmt!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
     if batch_size < 1:
         raise QrsError(f"--batch-size must be >= 1, got {batch_size}")
-    files = collect_images(inputs)
+    collected = collect_images(inputs)
+    files = collected.files
     roi_spec = load_roi(roi)
     scorer = Scorer.load(model_path, device=device, resize=resize)
     out = Path(out)
@@ -284,10 +300,14 @@ def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.P
 
     with tqdm(total=len(files), desc="score", unit="img", disable=not progress) as bar:
         for i, file in enumerate(files):
-            try:
-                pending.append((i, scorer.prepare(str(file), open_rgb(file), roi_spec, overlay=overlay)))
-            except ImageError as exc:
-                rows[i] = {"file": str(file), "error": str(exc)}
+            error = file_problem(file) or name_problem(file)
+            if not error:
+                try:
+                    pending.append((i, scorer.prepare(str(file), open_rgb(file), roi_spec, overlay=overlay)))
+                except ImageError as exc:
+                    error = str(exc)
+            if error:
+                rows[i] = {"file": printable(file), "error": error}
                 bar.update()
             if len(pending) == batch_size:
                 flush()
@@ -295,4 +315,4 @@ def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.P
             flush()
     output = out / f"scores.{fmt}"
     _write_rows(output, rows, fmt)
-    return ScoreFilesResult(rows, output, sum("error" in r for r in rows), scorer.note)
+    return ScoreFilesResult(rows, output, sum("error" in r for r in rows), scorer.note, collected.image_dirs)

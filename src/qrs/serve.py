@@ -5,6 +5,8 @@ gathers the queued images of concurrent requests (up to ``max_batch``, waiting a
 ``max_wait_ms`` for more) and runs the model in a single inference thread, so the event loop never
 blocks and the model runs batched under load. Scoring goes through :class:`qrs.predict.Scorer`, the
 same path as ``qrs score``. Bad input is a 4xx JSON error ``{"detail": "..."}``, never a 500.
+Uploaded file names are text once the multipart parser has read them (UTF-8, else Latin-1), so unlike
+file system names (:mod:`qrs.files`) none is refused for its encoding.
 """
 
 from __future__ import annotations

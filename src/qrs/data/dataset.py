@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from qrs.atomic import atomic_path
 from qrs.choices import SPLITS
 from qrs.errors import DatasetError
+from qrs.files import ignored_dirs_note
 
 if TYPE_CHECKING:
     from qrs.data.split_dataset import SplitDataset
@@ -59,7 +60,9 @@ class PreparedDataset:
         counts = ", ".join(f"{s}: {c['good']} good / {c['defective']} defective" for s, c in self.meta["counts"].items())
         n_skip = self.meta["n_skipped"]
         skipped = f"skipped {n_skip}" + (f" (see {self.root / 'skipped.csv'})" if n_skip else "")
-        return f"prepared dataset {self.root}: {self.meta['n_images']} images ({counts}); {skipped}"
+        ignored = ignored_dirs_note(self.meta.get("n_ignored_dirs", 0))
+        return f"prepared dataset {self.root}: {self.meta['n_images']} images ({counts}); {skipped}" + (
+            f"; {ignored}" if ignored else "")
 
     def rows(self, split: str) -> pd.DataFrame:
         """The index rows of one split, in index order; an unknown or empty split is an error."""

@@ -1,14 +1,16 @@
 """Readers of the raw dataset layouts (QRS_SPEC section 6): each lists the records to prepare.
 
 A reader only walks the file tree and tables; images are decoded later, in ``prepare``. Problems
-that concern a single file (a missing mask) become skipped records with a reason; problems with
-the whole source (wrong layout, nothing found) raise :class:`LayoutError`.
+that concern a single file (a missing mask, a special file, a name that is not UTF-8: see
+:mod:`qrs.files`) become skipped records with a reason; problems with the whole source (wrong
+layout, nothing found) raise :class:`LayoutError`. Ids name the prepared files, so they are made
+unique and short enough for a file name (:func:`unique_ids`).
 """
 
 from __future__ import annotations
 
 import csv
-import os
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from qrs.choices import SPLITS
 from qrs.errors import QrsError
-from qrs.images import is_image_file
+from qrs.files import MAX_NAME_BYTES, file_problem, is_image_file, list_entries, name_problem, printable, shorten
 
 
 class LayoutError(QrsError, ValueError):
@@ -35,7 +37,6 @@ class Record:
     """0/1 when known from the layout (folders); None when it comes from the mask (KSDD2)."""
     split: str | None = None
     mask: Path | None = None
-    mask_required: bool = False
     boxes: list[list[float]] | None = None
     """Defect boxes in pixels of the original image, when given by a table instead of a mask."""
     defect_type: str = ""
@@ -43,14 +44,43 @@ class Record:
 
 @dataclass
 class Listing:
-    """What a reader found: the records to prepare and the files skipped with their reasons."""
+    """What a reader found: the records to prepare, the files skipped with their reasons (names as
+    :func:`qrs.files.printable` writes them) and the number of directories with an image suffix."""
 
     records: list[Record] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    image_dirs: int = 0
+
+    def skip(self, source: str, reason: str) -> None:
+        """List ``source`` as skipped for ``reason``."""
+        self.skipped.append((printable(source), reason))
+
+
+def unique_ids(records: list[Record]) -> None:
+    """Give every record whose id repeats (``a b.png`` and ``a_b.png`` both become ``a_b``, as do
+    ``x.png`` and ``x.jpg``) or is too long for a file name (over :data:`qrs.files.MAX_NAME_BYTES`)
+    a suffix from a hash of its source: prepared images are named ``<id>.png``, and none may
+    overwrite another."""
+    counts = Counter(r.id for r in records)
+    for rec in records:
+        if counts[rec.id] > 1 or len(rec.id.encode()) > MAX_NAME_BYTES:
+            digest = hashlib.sha256(rec.source.encode()).hexdigest()[:10]
+            rec.id = f"{shorten(rec.id, MAX_NAME_BYTES - len(digest) - 1)}_{digest}"
 
 
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
+
+
+def _problem(path: Path, source: str) -> str | None:
+    """Why a listed entry is skipped before it is decoded: not a regular file, not an image file
+    extension, or a name that the outputs cannot hold."""
+    problem = file_problem(path)
+    if problem:
+        return problem
+    if not is_image_file(path):
+        return "not an image file extension"
+    return name_problem(source)
 
 
 def read_ksdd2(root: Path) -> Listing:
@@ -63,26 +93,29 @@ def read_ksdd2(root: Path) -> Listing:
             "(and the same under ROOT/test/)"
         )
     for split in splits:
-        names = sorted(e.name for e in os.scandir(root / split) if e.is_file())
-        for path in (root / split / name for name in names):
+        entries = list_entries(root / split, recursive=False)
+        listing.image_dirs += entries.image_dirs
+        for path in entries.files:
             if path.stem.endswith("_GT"):
                 continue
-            if not is_image_file(path):
-                listing.skipped.append((_relative(path, root), "not an image file extension"))
+            source = _relative(path, root)
+            problem = _problem(path, source)
+            if problem:
+                listing.skip(source, problem)
                 continue
             listing.records.append(
                 Record(
                     id=path.stem,
-                    source=_relative(path, root),
+                    source=source,
                     image=path,
                     split=split,
                     mask=path.with_name(f"{path.stem}_GT.png"),
-                    mask_required=True,
                 )
             )
     duplicates = sorted(i for i, n in Counter(r.id for r in listing.records).items() if n > 1)
     if duplicates:
         raise LayoutError(f"KSDD2 ids must be unique across train and test; repeated: {duplicates[:5]}")
+    unique_ids(listing.records)
     return listing
 
 
@@ -102,23 +135,26 @@ def read_sodf(root: Path) -> Listing:
             data = cat / cls / "data"
             if not data.is_dir():
                 continue
-            for path in sorted(data.iterdir()):
-                if not path.is_file():
-                    continue
-                if not is_image_file(path):
-                    listing.skipped.append((_relative(path, root), "not an image file extension"))
+            entries = list_entries(data, recursive=False)
+            listing.image_dirs += entries.image_dirs
+            for path in entries.files:
+                source = _relative(path, root)
+                problem = _problem(path, source)
+                if problem:
+                    listing.skip(source, problem)
                     continue
                 mask = cat / cls / "annotation" / path.name if label == 1 else None
                 listing.records.append(
                     Record(
                         id=f"{cat.name}_{cls}_{path.stem}",
-                        source=_relative(path, root),
+                        source=source,
                         image=path,
                         label=label,
                         mask=mask if mask is not None and mask.is_file() else None,
                         defect_type=cat.name,
                     )
                 )
+    unique_ids(listing.records)
     return listing
 
 
@@ -200,14 +236,17 @@ def read_folder(
     split_map = _read_split_file(split_file) if split_file else {}
     for d, label in dirs:
         base = root / d
-        for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        entries = list_entries(base)
+        listing.image_dirs += entries.image_dirs
+        for path in entries.files:
             if path in mask_files or (mask_root and mask_root in path.parents):
                 continue
             if mask_suffix and path.stem.endswith(mask_suffix):
                 continue
             source = _relative(path, root)
-            if not is_image_file(path):
-                listing.skipped.append((source, "not an image file extension"))
+            problem = _problem(path, source)
+            if problem:
+                listing.skip(source, problem)
                 continue
             rid = _slug(str(Path(source).with_suffix("")))
             sub = path.relative_to(base).parts
@@ -226,11 +265,12 @@ def read_folder(
             if split_map:
                 rec.split = split_map.get(rid, split_map.get(source))
                 if rec.split is None:
-                    listing.skipped.append((source, "not listed in the split file"))
+                    listing.skip(source, "not listed in the split file")
                     continue
             listing.records.append(rec)
+    unique_ids(listing.records)
     if mask_map and listing.records and not any(r.mask for r in listing.records):
-        example = next(iter(mask_map.values())).name
+        example = printable(next(iter(mask_map.values())).name)
         raise LayoutError(
             f"none of the {len(mask_map)} masks in {mask_root} matches an image's file stem (e.g. {example}); "
             "if mask names carry a suffix after the image's stem, give it with --mask-suffix (e.g. _mask)"

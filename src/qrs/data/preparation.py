@@ -32,6 +32,7 @@ from qrs.errors import QrsError
 from qrs.data.dataset import PreparedDataset
 from qrs.data.layouts import LayoutError, Listing, Record, read_folder, read_ksdd2, read_sodf
 from qrs.data.regions import RoiSpec, load_roi, mask_to_boxes, pixel_box_to_relative, roi_regions
+from qrs.files import NO_SUCH_FILE, file_problem, printable
 from qrs.images import ImageError, encode_png, open_mask, open_rgb, resize_image
 
 INDEX_COLUMNS = (
@@ -80,8 +81,9 @@ def process_record(rec: Record, opts: PrepareOptions) -> dict[str, Any]:
     The image stays a Pillow image from decode to resize, and a mask becomes an array only when it
     has defect pixels to box: this loop is most of ``qrs prepare``'s time.
     """
-    if rec.mask_required and (rec.mask is None or not rec.mask.is_file()):
-        return {"skip": f"missing mask {rec.mask.name if rec.mask else ''}".strip()}
+    if rec.mask is not None and (problem := file_problem(rec.mask)):
+        name = rec.mask.name
+        return {"skip": f"missing mask {name}" if problem == NO_SUCH_FILE else f"mask {name}: {problem}"}
     try:
         image = open_rgb(rec.image)
     except ImageError as exc:
@@ -265,7 +267,7 @@ def prepare(
             )
         assign_splits(rows, val_fraction, test_fraction, seed)
         _write_outputs(tmp, rows, skipped, fmt=fmt, src=src, img_size=img_size, resize=resize, roi=roi, seed=seed,
-                       val_fraction=val_fraction, test_fraction=test_fraction)
+                       val_fraction=val_fraction, test_fraction=test_fraction, image_dirs=listing.image_dirs)
     return PreparedDataset(out)
 
 
@@ -321,29 +323,30 @@ def _write_outputs(tmp: Path, rows: list[dict[str, Any]], skipped: list[tuple[st
             folder.rmdir()  # e.g. no defective part in a split, or every image of a folder skipped
     if not any((tmp / "masks").iterdir()):
         (tmp / "masks").rmdir()
-    with open(tmp / "index.csv", "w", newline="") as fh:
+    with open(tmp / "index.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
         writer.writeheader()
         writer.writerows(index_rows)
     coords = {r["id"]: {"roi": r["roi"], "defects": r["defects"]} for r in rows}
-    (tmp / "coords.json").write_text(json.dumps(coords))
+    (tmp / "coords.json").write_text(json.dumps(coords), encoding="utf-8")
     with open(tmp / "coords.pkl", "wb") as fh:
         pickle.dump(coords, fh)
     if skipped:
-        with open(tmp / "skipped.csv", "w", newline="") as fh:
+        with open(tmp / "skipped.csv", "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["file", "reason"])
-            writer.writerows(skipped)
+            writer.writerows((file, printable(reason)) for file, reason in skipped)
     counts: dict[str, dict[str, int]] = {s: {"good": 0, "defective": 0} for s in SPLITS}
     for r in rows:
         counts[r["split"]]["defective" if r["label"] else "good"] += 1
     sizes = Counter(f"{r['orig_width']}x{r['orig_height']}" for r in rows)
     meta_obj = {
         "format": meta["fmt"],
-        "source": str(Path(meta["src"]).resolve()),
+        "source": printable(Path(meta["src"]).resolve()),
         "counts": counts,
         "n_images": len(rows),
         "n_skipped": len(skipped),
+        "n_ignored_dirs": meta["image_dirs"],
         "img_size": meta["img_size"],
         "orig_sizes": dict(sizes.most_common(20)),
         "resize": meta["resize"],
@@ -355,4 +358,4 @@ def _write_outputs(tmp: Path, rows: list[dict[str, Any]], skipped: list[tuple[st
         "dataset_hash": hashlib.sha256((tmp / "index.csv").read_bytes()).hexdigest()[:16],
         "qrs_version": __version__,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta_obj, indent=2) + "\n")
+    (tmp / "meta.json").write_text(json.dumps(meta_obj, indent=2) + "\n", encoding="utf-8")
