@@ -1,16 +1,19 @@
 """Throughput of Grad-CAM++ + QRS against a plain forward pass and the pytorch-grad-cam package.
 
-One ResNet-50 (2 classes, random init, eval mode), one set of random normalised images, three
-measurements per batch size, in images per second (best of --repeats timed passes after a warm-up):
+Per arch (default: ResNet-50 and EfficientNet-Lite0; 2 classes, random init, eval mode), one set of
+random normalised images, three measurements per batch size, in images per second (best of
+--repeats timed passes after a warm-up):
 
   (a) plain   a forward pass under torch.inference_mode: the physical limit;
   (b) ours    qrs.cam.compute_cams (Grad-CAM++) + qrs.score.quality_risk_score (dataset norm);
-  (c) gradcam pytorch_grad_cam.GradCAMPlusPlus on model.layer4, ClassifierOutputTarget(1).
+  (c) gradcam pytorch_grad_cam.GradCAMPlusPlus on the same target layer (layer4; Lite0: bn2),
+              ClassifierOutputTarget(1).
 
-Targets: ours/plain >= 0.9 (maps at the cost of one forward pass), ours/gradcam >= 3.
+Targets: ours/plain >= 0.9 (maps at the cost of one forward pass), ours/gradcam >= 3. With two archs
+it also prints the second's images/s over the first's, forward and Grad-CAM++, per batch size.
 
 With --extract-images N (0 to skip) it also runs ``qrs extract`` end to end (data loading, maps,
-QRS, localisation, npz/csv/xlsx) on N prepared synthetic images with the same resnet50, against
+QRS, localisation, npz/csv/xlsx) on N prepared synthetic images with the first arch, against
 (a) on the same images read from the same cache. Target: extract/plain >= 0.8.
 """
 
@@ -28,13 +31,12 @@ import torch
 from pytorch_grad_cam import GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
-from torchvision.models import resnet50
 
-from qrs.cam import compute_cams
+from qrs.cam import compute_cams, target_layer
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.extract import ScoreOptions, extract
-from qrs.model import base_meta, load_checkpoint, normalize, save_checkpoint, update_checkpoint_meta
+from qrs.model import base_meta, build_model, load_checkpoint, normalize, save_checkpoint, update_checkpoint_meta
 from qrs.score import calibration_scale, quality_risk_score
 
 
@@ -79,7 +81,7 @@ def bench_batch_size(
     def ours(x: Tensor) -> Tensor:
         return quality_risk_score(compute_cams(model, x).maps, None, scale=scale)
 
-    with GradCAMPlusPlus(model, target_layers=[model.layer4]) as cam:
+    with GradCAMPlusPlus(model, target_layers=[target_layer(model)]) as cam:
 
         def package(x: Tensor) -> object:
             return cam(x, targets=[ClassifierOutputTarget(1)] * len(x))
@@ -87,14 +89,15 @@ def bench_batch_size(
         return images_per_second({"plain": plain, "ours": ours, "gradcam": package}, batches, repeats, device)
 
 
-def bench_extract(model: nn.Module, n_images: int, img_size: int, batch_size: int, device: str) -> dict[str, float]:
+def bench_extract(model: nn.Module, arch: str, n_images: int, img_size: int, batch_size: int,
+                  device: str) -> dict[str, float]:
     """Images/s of ``qrs extract`` end to end and of a plain forward pass over the same images."""
     work = Path(tempfile.mkdtemp(prefix="bench_cam."))
     try:
         synthesize(work / "raw", "ksdd2", n_train=n_images, n_test=max(2, n_images // 20), seed=0)
         data = prepare("ksdd2", work / "raw", work / "data", img_size=img_size, val_fraction=0.0, progress=False)
         path = work / "model.pt"
-        save_checkpoint(path, model, base_meta("resnet50", img_size))
+        save_checkpoint(path, model, base_meta(arch, img_size))
         update_checkpoint_meta(path, calibration={"scale": 1.0, "method": "gradcam++"})
         cache = data.image_cache("train", progress=False)
         n = len(cache)
@@ -123,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--archs", nargs="+", default=["resnet50", "efficientnet_lite0"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--n-images", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
@@ -133,28 +137,31 @@ def main() -> None:
                         help="prepared images for the end-to-end extract row (0: skip it)")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model = resnet50(num_classes=2).eval().to(args.device)
     images = torch.randn(args.n_images, 3, args.img_size, args.img_size, device=args.device)
-    print(
-        f"resnet50, {args.n_images} images {args.img_size}x{args.img_size}, device {args.device}, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats}"
-    )
-    print(
-        f"{'batch':>5} {'plain img/s':>12} {'ours img/s':>11} {'grad-cam img/s':>15} "
-        f"{'ours/plain':>11} {'ours/grad-cam':>14}"
-    )
-    for batch_size in args.batch_sizes:
-        r = bench_batch_size(model, images, batch_size, args.repeats, args.device)
-        print(
-            f"{batch_size:>5} {r['plain']:>12.1f} {r['ours']:>11.1f} {r['gradcam']:>15.1f} "
-            f"{r['ours'] / r['plain']:>11.2f} {r['ours'] / r['gradcam']:>14.2f}"
-        )
+    print(f"{args.n_images} images {args.img_size}x{args.img_size}, device {args.device}, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"{'arch':<19} {'batch':>5} {'plain img/s':>12} {'ours img/s':>11} {'grad-cam img/s':>15} "
+          f"{'ours/plain':>11} {'ours/grad-cam':>14}")
+    rates: dict[tuple[str, int], dict[str, float]] = {}
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model = build_model(arch).eval().to(args.device)
+        for batch_size in args.batch_sizes:
+            r = rates[arch, batch_size] = bench_batch_size(model, images, batch_size, args.repeats, args.device)
+            print(f"{arch:<19} {batch_size:>5} {r['plain']:>12.1f} {r['ours']:>11.1f} {r['gradcam']:>15.1f} "
+                  f"{r['ours'] / r['plain']:>11.2f} {r['ours'] / r['gradcam']:>14.2f}")
+    if len(args.archs) > 1:
+        first, second = args.archs[:2]
+        for batch_size in args.batch_sizes:
+            a, b = rates[first, batch_size], rates[second, batch_size]
+            print(f"{second} / {first} images/s at batch {batch_size}: forward {b['plain'] / a['plain']:.2f}, "
+                  f"Grad-CAM++ + QRS {b['ours'] / a['ours']:.2f}")
     if args.extract_images > 0:
-        e = bench_extract(model, args.extract_images, args.img_size, 16, args.device)
-        print(f"qrs extract end to end, {e['n']:.0f} prepared images, batch 16: plain {e['plain']:.1f} img/s, "
-              f"extract {e['extract']:.1f} img/s, extract/plain {e['extract'] / e['plain']:.2f}")
-
+        torch.manual_seed(0)
+        model = build_model(args.archs[0]).eval().to(args.device)
+        e = bench_extract(model, args.archs[0], args.extract_images, args.img_size, 16, args.device)
+        print(f"qrs extract end to end ({args.archs[0]}), {e['n']:.0f} prepared images, batch 16: plain "
+              f"{e['plain']:.1f} img/s, extract {e['extract']:.1f} img/s, extract/plain {e['extract'] / e['plain']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 """Launched by tests/test_distributed.py under torchrun: trains and records what each rank ends
 with, which the checkpoints (written by rank 0 only) cannot show.
 
-``python ddp_worker.py DATA OUT train``: ``qrs train`` for 2 epochs into OUT/full, and for 1 epoch
-into OUT/resumed then ``--resume`` to 2 epochs; writes OUT/rank<R>.json with each final model's
-state digest. ``fail``: rank 1 raises a QrsError at its second training step; ``hang``: rank 1
+``python ddp_worker.py DATA OUT train [ARGS...]``: ``qrs train ARGS`` for 2 epochs into OUT/full, and
+for 1 epoch into OUT/resumed then ``--resume`` to 2 epochs; writes OUT/rank<R>.json with each final
+model's state digest. ``fail``: rank 1 raises a QrsError at its second training step; ``hang``: rank 1
 sleeps there instead, outside every collective.
 """
 
@@ -47,10 +47,10 @@ def _capture_models() -> list[nn.Module]:
     return built
 
 
-def train_and_resume(data: Path, out: Path, rank: int) -> None:
+def train_and_resume(data: Path, out: Path, rank: int, extra_args: list[str]) -> None:
     built = _capture_models()
     common = ["train", "--data_root", str(data), "--arch", "resnet18", "--batch_size", "8", "--lr", "1e-3",
-              "--device", "cpu"]
+              "--device", "cpu", *extra_args]
     for extra in (["--out", out / "full", "--num_epochs", "2"], ["--out", out / "resumed", "--num_epochs", "1"],
                   ["--out", out / "resumed", "--num_epochs", "2", "--resume"]):
         app(args=common + [str(a) for a in extra], standalone_mode=False)
@@ -73,6 +73,6 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     data_arg, out_arg, mode_arg = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     if mode_arg == "train":
-        train_and_resume(data_arg, out_arg, int(os.environ["RANK"]))
+        train_and_resume(data_arg, out_arg, int(os.environ["RANK"]), sys.argv[4:])
     else:
         stop_rank_1(data_arg, out_arg, int(os.environ["RANK"]), mode_arg)

@@ -90,9 +90,11 @@ def test_two_process_extraction_equals_one_process(prepared_small: Path, tmp_pat
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
 
 
-def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared_small: Path,
-                                                                       tmp_path: Path) -> None:
-    run = torchrun(WORKER, prepared_small, tmp_path, "train", cwd=tmp_path)
+@pytest.mark.parametrize("extra", [[], ["--mask-loss", "energy", "--arch", "efficientnet_lite0"]],
+                         ids=["plain", "mask-guided-lite0"])
+def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared_small: Path, tmp_path: Path,
+                                                                       extra: list[str]) -> None:
+    run = torchrun(WORKER, prepared_small, tmp_path, "train", *extra, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     summaries = [line.split(";")[0] for line in run.stdout.splitlines() if line.startswith("trained")]
     assert summaries == ["trained 2 epochs", "trained 1 epochs", "trained 2 epochs"]
@@ -104,7 +106,9 @@ def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared
         assert sorted(p.name for p in out.iterdir()) == ["best_acc.pt", "best_loss.pt", "last.pt", "log.csv",
                                                         "log.jsonl"]
         for name in ("best_acc.pt", "best_loss.pt", "last.pt"):
-            assert load_checkpoint(out / name).qrs_meta["arch"] == "resnet18"
+            meta = load_checkpoint(out / name).qrs_meta
+            assert meta["arch"] == ("efficientnet_lite0" if extra else "resnet18")
+            assert ("mask_guidance" in meta) == bool(extra)
         assert state_digest(read_checkpoint(out / "last.pt")["state_dict"]) == ranks[0][run_dir]
         assert list(pd.read_csv(out / "log.csv")["epoch"]) == [1, 2]
         assert len((out / "log.jsonl").read_text().splitlines()) == 2

@@ -111,7 +111,7 @@ def test_paper_command_line_with_underscored_flags(prepared_small: Path, tmp_pat
 
 def test_augment_and_class_weights() -> None:
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
-    flipped = augment_batch(images, "flip", torch.Generator().manual_seed(0))
+    flipped, _ = augment_batch(images, "flip", torch.Generator().manual_seed(0))
     draws = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
     for i in range(2):
         expected = images[i]
@@ -120,7 +120,7 @@ def test_augment_and_class_weights() -> None:
         if draws[i, 1] < 0.5:
             expected = expected.flip(-2)
         assert torch.equal(flipped[i], expected)
-    assert torch.equal(augment_batch(images, "none", torch.Generator()), images)
+    assert torch.equal(augment_batch(images, "none", torch.Generator())[0], images)
     weights = class_weight_tensor(torch.tensor([0, 0, 0, 1]), "auto")
     assert torch.allclose(weights, torch.tensor([4 / 6, 4 / 2]))
     assert class_weight_tensor(torch.tensor([0, 1]), "none") is None

@@ -169,7 +169,7 @@ def gap_linear(model: nn.Module, layer: nn.Module | str | None = None) -> GapLin
 
     Hooks on the model itself rule it out: the split calls the submodules, not the model's forward.
     """
-    target = _resolve_layer(model, layer)
+    target = target_layer(model, layer)
     if model._forward_hooks or model._forward_pre_hooks:
         return None
     for split in _SPLITS:
@@ -179,7 +179,9 @@ def gap_linear(model: nn.Module, layer: nn.Module | str | None = None) -> GapLin
     return None
 
 
-def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
+def target_layer(model: nn.Module, layer: nn.Module | str | None = None) -> nn.Module:
+    """The module whose output is explained: ``layer`` (a module or dotted name) checked to be in the
+    model, or, for None, the model's usual target layer (``layer4``, or ``bn2`` of EfficientNet-Lite0)."""
     if layer is None:
         for name, _ in _DEFAULT_LAYERS:
             found = getattr(model, name, None)
@@ -197,6 +199,12 @@ def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module
             raise ValueError("layer is not a submodule of the model")
         return layer
     raise ValueError(f"layer must be None, an nn.Module or a dotted name, got {type(layer).__name__}")
+
+
+def closed_form_cam(split: GapLinear, a: Tensor, target_class: int = 1) -> Tensor:
+    """The raw Grad-CAM++ map C (B x h x w) of a closed-form model from its activations A, with autograd
+    left on: differentiable in A and in the linear layer's weights (mask-guided training, QRS_SPEC 2b)."""
+    return _gradcam_pp(a.float(), split.gradient(a.float(), target_class)).clamp(min=0)
 
 
 def _check_target(logits: Tensor, target_class: int) -> None:
@@ -296,16 +304,16 @@ def compute_cams(
         raise ValueError(f"target_class must be an integer, got {target_class!r}") from None
     if model.training:
         raise ValueError("model is in training mode; call model.eval() first")
-    target_layer = _resolve_layer(model, layer)
+    target = target_layer(model, layer)
     reference = next(model.parameters(), None)
     if reference is not None:
         images = images.to(reference.device)
 
-    split = gap_linear(model, target_layer)
+    split = gap_linear(model, target)
     if split is not None:
         a, g, logits = _fast_activations(split, images, target_class)
     else:
-        a, g, logits = _autograd_activations(model, target_layer, images, target_class)
+        a, g, logits = _autograd_activations(model, target, images, target_class)
 
     cam = (_COMPAT_CAMS if compat else _CAMS).get(method, _CAMS[method])
     with torch.no_grad():

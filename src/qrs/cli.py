@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from qrs.choices import (
-    Aggregation, Anchor, Arch, Augment, ClassWeights, Format, Method, Norm, Optimizer, OutputFormat, Pretrained,
-    ResizeMode, Schedule, Split,
+    Aggregation, Anchor, Arch, Augment, ClassWeights, Format, MaskLoss, Method, Norm, Optimizer, OutputFormat,
+    Pretrained, ResizeMode, Schedule, Split,
 )
 from qrs.errors import QrsError
 
@@ -141,6 +141,18 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (bounds the "
                                                         "logits, so defect evidence is on a similar scale across "
                                                         "parts).")] = 0.0,
+    mask_loss: Annotated[MaskLoss, typer.Option(help="Mask guidance (QRS_SPEC 2b): energy adds, for defective training "
+                                                     "images with a mask or boxes, 1 - (share of the Grad-CAM++ map "
+                                                     "inside the dilated defect) to the loss; none: classification "
+                                                     "loss only.")] = "none",
+    mask_weight: Annotated[float, typer.Option(help="Weight lambda of the mask term.")] = 1.0,
+    mask_warmup: Annotated[float, typer.Option(help="Share of the training steps over which lambda ramps up "
+                                                    "linearly from 0.")] = 0.2,
+    mask_dilate: Annotated[Optional[int], typer.Option(help="Dilation of the defect masks in pixels. (default: 15 "
+                                                            "at 224 px, scaled with the image size)",
+                                                       show_default=False)] = None,
+    mask_fraction: Annotated[float, typer.Option(help="Share of the defective training images whose mask is used "
+                                                      "(seeded; mixed supervision).")] = 1.0,
     out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
                                                      "(default: runs/ beside the data)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
@@ -153,6 +165,8 @@ def train(
         data_root=data_root, out=out, arch=arch, pretrained=pretrained, weights=weights, num_epochs=num_epochs,
         batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
         warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        mask_loss=mask_loss, mask_weight=mask_weight, mask_warmup=mask_warmup, mask_dilate=mask_dilate,
+        mask_fraction=mask_fraction,
         patience=patience, seed=seed,
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
         best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,

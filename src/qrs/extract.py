@@ -341,7 +341,8 @@ def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str
         if ctx.is_main:
             meta = {"mode": mode, "arch": model.qrs_meta["arch"], "model_path": str(model_path),
                     "data_dir": str(data_dir), "img_size": data.img_size, "scale": scale,
-                    "calibration": calibration_source(calibration) if calibration else None, **asdict(options),
+                    "calibration": calibration_source(calibration) if calibration else None,
+                    "mask_guidance": model.qrs_meta.get("mask_guidance"), **asdict(options),
                     "excel_prefix": excel_prefix, "output_prefix": output_prefix}
             files[mode] = _write_mode(out, output_prefix, excel_prefix, mode, rows, result, meta)
     return ExtractResult(files, frames, scale)

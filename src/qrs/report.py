@@ -117,7 +117,8 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
         except (OSError, json.JSONDecodeError) as exc:
             raise QrsError(f"cannot read metrics file {metrics}: {exc}") from exc
     outputs = [load_mode(extract_dir, output_prefix, m) for m in modes]
-    stats: dict[str, Any] = {"extract_dir": str(extract_dir), "options": outputs[0].options, "modes": {}}
+    stats: dict[str, Any] = {"extract_dir": str(extract_dir), "options": outputs[0].options,
+                             "mask_guided": bool(outputs[0].options.get("mask_guidance")), "modes": {}}
     plots: list[Path] = []
     for mo in outputs:
         labels, qrs = mo.rows["label"].to_numpy(), mo.rows["qrs"].to_numpy()
@@ -139,6 +140,15 @@ def _calibration_text(source: dict[str, Any] | None) -> str:
     n = f"{source['n_parts']} " if source.get("n_parts") is not None else ""
     return (f" (anchor {html.escape(source['anchor'])}: {source['quantile']:g} quantile of the map peaks of {n}"
             f"{html.escape(source['anchor'])} {html.escape(source['split'])} parts)")
+
+
+def _guidance_text(guidance: dict[str, Any] | None) -> str:
+    """How the model was trained with respect to the defect masks (QRS_SPEC section 2b)."""
+    if not guidance:
+        return "Trained without mask guidance (classification loss only)."
+    return (f"Mask-guided training: energy loss, weight {guidance['weight']:g}, masks dilated by "
+            f"{guidance['dilate']} px, masks of {guidance['n_masked']} of {guidance['n_defective']} defective "
+            "training images used.")
 
 
 def _data_uri(png: bytes) -> str:
@@ -230,7 +240,8 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
     method = METHOD_LABELS.get(opts["method"], opts["method"])
     settings = (f"{html.escape(opts['arch'])} &middot; {method} &middot; &tau; = {opts['threshold']} &middot; "
                 f"norm {opts['norm']}{' (compat)' if opts['compat'] else ''} &middot; aggregation {opts['aggregation']}"
-                f" &middot; calibration scale {_fmt_p(opts['scale'])}{_calibration_text(opts.get('calibration'))}")
+                f" &middot; calibration scale {_fmt_p(opts['scale'])}{_calibration_text(opts.get('calibration'))}"
+                f"<br>{_guidance_text(opts.get('mask_guidance'))}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>QRS report</title>
 <style>

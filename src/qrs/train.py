@@ -27,11 +27,13 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from qrs.atomic import write_text
-from qrs.choices import Augment, ClassWeights, Optimizer, Schedule
+from qrs.cam import GapLinear, closed_form_cam, gap_linear
+from qrs.choices import Augment, ClassWeights, MaskLoss, Optimizer, Schedule
 from qrs.data.dataset import PreparedDataset
 from qrs.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers,
                              init_distributed, main_first, shard_indices)
 from qrs.errors import QrsError
+from qrs.guidance import default_dilation, energy_loss, grid_mask, mask_weight, select_masked
 from qrs.model import base_meta, build_model, normalize, read_checkpoint, save_checkpoint
 
 
@@ -53,6 +55,11 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    mask_loss: MaskLoss = "none"
+    mask_weight: float = 1.0
+    mask_warmup: float = 0.2
+    mask_dilate: int | None = None
+    mask_fraction: float = 1.0
     patience: int = 10
     seed: int = 0
     device: str = "auto"
@@ -104,23 +111,96 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator,
+                  masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random per-sample augmentation of a uint8 B x 3 x S x S batch (flips; ``standard`` adds
-    90-degree turns and +-15% brightness/contrast), drawn from ``generator`` for reproducibility."""
+    90-degree turns and +-15% brightness/contrast), drawn from ``generator`` for reproducibility.
+
+    ``masks`` (B x S x S, optional) get the same flips and turns, so a defect mask stays on its defect.
+    """
     if mode == "none":
-        return images
+        return images, masks
     b = images.shape[0]
     draws = torch.rand(b, 5, generator=generator)
-    out = torch.where((draws[:, 0] < 0.5).view(b, 1, 1, 1), images.flip(-1), images)
-    out = torch.where((draws[:, 1] < 0.5).view(b, 1, 1, 1), out.flip(-2), out)
+
+    def where(choose: torch.Tensor, moved: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return torch.where(choose.view(b, *([1] * (kept.dim() - 1))), moved, kept)
+
+    moves = [(draws[:, 0] < 0.5, lambda x: x.flip(-1)), (draws[:, 1] < 0.5, lambda x: x.flip(-2))]
     if mode == "standard":
-        out = torch.where((draws[:, 2] < 0.5).view(b, 1, 1, 1), out.transpose(-1, -2), out)
+        moves.append((draws[:, 2] < 0.5, lambda x: x.transpose(-1, -2)))
+    out = images
+    for choose, move in moves:
+        out = where(choose, move(out), out)
+        masks = None if masks is None else where(choose, move(masks), masks)
+    if mode == "standard":
         x = out.float()
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         contrast = (0.85 + 0.3 * draws[:, 3]).view(b, 1, 1, 1)
         brightness = (0.85 + 0.3 * draws[:, 4]).view(b, 1, 1, 1)
         out = ((x - mean) * contrast + mean * brightness).clamp(0, 255).round().to(torch.uint8)
-    return out
+    return out, masks
+
+
+@dataclass(frozen=True)
+class MaskGuidance:
+    """The mask term of one run (QRS_SPEC section 2b): which training images use their mask, and how."""
+
+    split: GapLinear
+    use: torch.Tensor
+    """(N,) bool over the training split: defective images with a mask (or boxes) chosen for supervision."""
+    dilate: int
+    weight: float
+    warmup: float
+    total_steps: int
+
+    def summary(self, n_defective: int) -> dict[str, Any]:
+        """What goes into the log and the checkpoint metadata."""
+        return {"loss": "energy", "weight": self.weight, "warmup": self.warmup, "dilate": self.dilate,
+                "n_masked": int(self.use.sum()), "n_defective": n_defective}
+
+
+class WithFeatures(nn.Module):
+    """``model`` returning (logits, target feature map A) from one forward pass, so that DDP sees the
+    pass that the mask term differentiates."""
+
+    def __init__(self, model: nn.Module, split: GapLinear) -> None:
+        super().__init__()
+        self.model = model
+        self.split = split
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.split.features(x)
+        return self.split.head(a), a
+
+
+def mask_guidance(cfg: TrainConfig, model: nn.Module, data: PreparedDataset, total_steps: int) -> MaskGuidance | None:
+    """The run's :class:`MaskGuidance`, or None for ``mask_loss="none"``; an error when nothing has a mask."""
+    if cfg.mask_loss == "none":
+        return None
+    if cfg.mask_loss != "energy":
+        raise QrsError(f"unknown --mask-loss {cfg.mask_loss!r}; expected none or energy")
+    if not 0 <= cfg.mask_fraction <= 1 or cfg.mask_weight < 0 or not 0 <= cfg.mask_warmup <= 1:
+        raise QrsError("--mask-fraction and --mask-warmup must be in [0, 1] and --mask-weight >= 0")
+    split = gap_linear(model)
+    if split is None:
+        raise QrsError(f"--mask-loss energy needs a model explained in closed form; {cfg.arch} is not")
+    rows = data.rows("train")
+    has_region = torch.tensor([(lab == 1) and (bool(mask) or bool(defects)) for lab, mask, defects in
+                               zip(rows["label"], rows["mask"], rows["defects"])])
+    n_defective = int((rows["label"] == 1).sum())
+    if not has_region.any():
+        raise QrsError(f"--mask-loss energy needs defect masks or boxes, but none of the {n_defective} defective "
+                       f"training images of {data.root} has any; train with --mask-loss none")
+    candidates = torch.nonzero(has_region).flatten()
+    keep = round(cfg.mask_fraction * len(candidates))
+    chosen = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(cfg.seed))[:keep]]
+    use = torch.zeros(len(rows), dtype=torch.bool)
+    use[chosen] = True
+    dilate = default_dilation(data.img_size) if cfg.mask_dilate is None else cfg.mask_dilate
+    if dilate < 0:
+        raise QrsError(f"--mask-dilate must be >= 0 pixels, got {dilate}")
+    return MaskGuidance(split, use, dilate, cfg.mask_weight, cfg.mask_warmup, total_steps)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -176,27 +256,48 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     meta: dict[str, Any], cfg: TrainConfig, ctx: DistContext, generator: torch.Generator, epoch: int,
-                    on_batch: Callable[[int, int], None] | None) -> float:
-    """One pass over the training split; returns the mean training loss over all ranks."""
+                    on_batch: Callable[[int, int], None] | None,
+                    guidance: MaskGuidance | None = None) -> dict[str, float]:
+    """One pass over the training split; the mean training loss (and, guided, the mean mask term and
+    the last weight lambda) over all ranks. ``model`` returns (logits, A) when ``guidance`` is given."""
     model.train()
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(4, dtype=torch.float64)
+    lam = 0.0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not (cfg.progress and ctx.is_main))
     for i, batch in enumerate(bar):
         if on_batch is not None:
             on_batch(epoch, i)
-        images = augment_batch(batch["image"], cfg.augment, generator).to(ctx.device, non_blocking=True)
+        images, defect = augment_batch(batch["image"], cfg.augment, generator, batch.get("defect"))
+        images = images.to(ctx.device, non_blocking=True)
         labels = batch["label"].to(ctx.device, non_blocking=True)
         with _autocast(ctx.device, cfg.amp):
-            loss = criterion(model(normalize(images, meta)), labels)
+            if guidance is None:
+                loss = criterion(model(normalize(images, meta)), labels)
+            else:
+                logits, a = model(normalize(images, meta))
+                loss = criterion(logits, labels)
+                lam = mask_weight((epoch - 1) * len(loader) + i, guidance.total_steps, guidance.weight,
+                                  guidance.warmup)
+                chosen = select_masked(labels, defect.to(ctx.device), guidance.use[batch["index"]].to(ctx.device))
+                if chosen.any():
+                    cam = closed_form_cam(guidance.split, a[chosen])
+                    term = energy_loss(cam, grid_mask(defect.to(ctx.device)[chosen], cam.shape[-2:],
+                                                      guidance.dilate)).mean()
+                    loss = loss + lam * term
+                    totals[2:] += torch.tensor([term.item() * int(chosen.sum()), int(chosen.sum())],
+                                               dtype=torch.float64)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        totals += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64)
+        totals[:2] += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     totals = all_reduce_sum(totals, ctx)
-    return float(totals[0] / totals[1])
+    out = {"train_loss": float(totals[0] / totals[1])}
+    if guidance is not None:
+        out.update(train_mask_loss=float(totals[2] / totals[3]) if totals[3] else math.nan, mask_weight=lam)
+    return out
 
 
 @torch.inference_mode()
@@ -220,7 +321,7 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, meta: d
 
 def _loaders(data: PreparedDataset, cfg: TrainConfig, ctx: DistContext,
              generator: torch.Generator) -> tuple[DataLoader, DataLoader, torch.Tensor]:
-    train_set = data.split("train", with_masks=False)
+    train_set = data.split("train", with_masks=False, with_defect=cfg.mask_loss != "none")
     val_set = data.split("val", with_masks=False)
     with main_first(ctx):
         for split in ("train", "val"):
@@ -270,6 +371,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     optimizer = make_optimizer(model, cfg)
     steps = len(train_loader)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.num_epochs * steps, round(cfg.warmup_epochs * steps))
+    guidance = mask_guidance(cfg, model, data, cfg.num_epochs * steps)
+    if guidance is not None:
+        meta["mask_guidance"] = guidance.summary(int((train_labels == 1).sum()))
+        if ctx.is_main:
+            g = meta["mask_guidance"]
+            print(f"mask guidance: energy loss, weight {g['weight']:g} (ramped up over the first "
+                  f"{g['warmup']:.0%} of the steps), masks dilated by {g['dilate']} px; masks of {g['n_masked']} "
+                  f"of the {g['n_defective']} defective training images are used", flush=True)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp and ctx.device.type == "cuda")
     stopper = EarlyStopping(cfg.patience)
     best = {"val_loss": math.inf, "val_acc": -1.0}
@@ -293,7 +402,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
             print(f"note: {last_path} was written by {len(gen_states)} process(es), this run has {ctx.world_size}: "
                   "augmentation is reseeded, so the run differs from an uninterrupted one")
         start_epoch = state["meta"]["epoch"] + 1
-    ddp = DistributedDataParallel(model) if ctx.distributed else model
+    net = model if guidance is None else WithFeatures(model, guidance.split)
+    ddp = DistributedDataParallel(net) if ctx.distributed else net
     epochs = tqdm(range(start_epoch, cfg.num_epochs + 1), desc="train", unit="epoch", initial=start_epoch - 1,
                   total=cfg.num_epochs, disable=not (cfg.progress and ctx.is_main))
     stopped = False
@@ -301,12 +411,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(ddp, train_loader, criterion, optimizer, scheduler, scaler, meta, cfg, ctx,
-                                     generator, epoch, on_batch)
+        losses = train_one_epoch(ddp, train_loader, criterion, optimizer, scheduler, scaler, meta, cfg, ctx,
+                                 generator, epoch, on_batch, guidance)
         broadcast_buffers(model, ctx)
         metrics = validate(model, val_loader, criterion, meta, ctx)
-        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "time_s": time.perf_counter() - t0,
+        row = {"epoch": epoch, **losses, **metrics, "time_s": time.perf_counter() - t0,
                "lr": optimizer.param_groups[0]["lr"]}
+        train_loss = losses["train_loss"]
         history.append(row)
         epoch_meta = {**meta, "epoch": epoch, "val_metrics": metrics}
         stopped = stopper.step(metrics["val_loss"])

@@ -74,13 +74,14 @@ class PreparedDataset:
         return rows
 
     def split(self, split: str, *, coords: dict[str, dict[str, list]] | None = None,
-              with_masks: bool = True) -> "SplitDataset":
-        """A torch Dataset over one split (``coords`` overrides the ROI/defect coordinates per id)."""
+              with_masks: bool = True, with_defect: bool = False) -> "SplitDataset":
+        """A torch Dataset over one split (``coords`` overrides the ROI/defect coordinates per id;
+        ``with_defect`` without ``with_masks``: the defect mask only)."""
         from qrs.data.split_dataset import SplitDataset
 
         return SplitDataset(self.rows(split), split=split, root=self.root, img_size=self.img_size,
                             resize=self.meta["resize"], images=partial(self.image_cache, split), coords=coords,
-                            with_masks=with_masks)
+                            with_masks=with_masks, with_defect=with_defect)
 
     def image_cache(self, split: str, *, progress: bool = True) -> np.ndarray:
         """The split's images as an N x S x S x 3 uint8 memory map, built on first use."""

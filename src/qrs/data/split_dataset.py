@@ -25,7 +25,8 @@ from qrs.errors import DatasetError
 
 class SplitDataset(Dataset):
     """One split: items are dicts with ``index``, ``image`` (3xSxS uint8) and ``label``, and with
-    ``with_masks`` also ``roi``, ``defect`` and ``boxes`` (SxS bool masks on the prepared grid).
+    ``with_masks`` also ``roi``, ``defect`` and ``boxes`` (SxS bool masks on the prepared grid), or
+    with ``with_defect`` only ``defect`` (what mask-guided training needs).
 
     rows: the split's index rows; root: the prepared dataset's directory (mask paths are relative to
     it); img_size and resize: its square side and resize mode; images: returns the split's N x S x S x 3
@@ -34,7 +35,7 @@ class SplitDataset(Dataset):
 
     def __init__(self, rows: pd.DataFrame, *, split: str, root: Path, img_size: int, resize: str,
                  images: Callable[[], np.ndarray], coords: dict[str, dict[str, list]] | None = None,
-                 with_masks: bool = True) -> None:
+                 with_masks: bool = True, with_defect: bool = False) -> None:
         self.split_name = split
         self.rows = rows
         self.root = root
@@ -43,6 +44,7 @@ class SplitDataset(Dataset):
         self._load_images = images
         self.coords = coords
         self.with_masks = with_masks
+        self.with_defect = with_defect
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -70,19 +72,25 @@ class SplitDataset(Dataset):
 
         The defect mask is the prepared mask file where one exists, else the rasterised defect boxes.
         """
-        row = self.rows.iloc[i]
-        s = self.img_size
-        mode = self.resize
-        orig = (int(row["orig_width"]), int(row["orig_height"]))
         roi_regions, defect_regions = self.regions(i)
-        roi = rasterize([to_prepared(r, orig, mode, s) for r in roi_regions], s, s)
-        boxes = rasterize([to_prepared(r, orig, mode, s) for r in defect_regions], s, s)
-        if row["mask"]:
-            with Image.open(self.root / row["mask"]) as img:
-                defect = np.asarray(img.convert("L")) > 0
-        else:
-            defect = boxes
-        return roi, defect, boxes
+        roi = self._rasterize(i, roi_regions)
+        boxes = self._rasterize(i, defect_regions)
+        return roi, self._mask_file(i) if self.rows["mask"].iat[i] else boxes, boxes
+
+    def defect_mask(self, i: int) -> np.ndarray:
+        """The defect mask of item ``i`` (S x S bool): its mask file, else its rasterised defect boxes."""
+        if self.rows["mask"].iat[i]:
+            return self._mask_file(i)
+        return self._rasterize(i, self.regions(i)[1])
+
+    def _rasterize(self, i: int, regions: list) -> np.ndarray:
+        s = self.img_size
+        orig = (int(self.rows["orig_width"].iat[i]), int(self.rows["orig_height"].iat[i]))
+        return rasterize([to_prepared(r, orig, self.resize, s) for r in regions], s, s)
+
+    def _mask_file(self, i: int) -> np.ndarray:
+        with Image.open(self.root / self.rows["mask"].iat[i]) as img:
+            return np.asarray(img.convert("L")) > 0
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {
@@ -95,4 +103,6 @@ class SplitDataset(Dataset):
             item["roi"] = torch.from_numpy(roi)
             item["defect"] = torch.from_numpy(defect)
             item["boxes"] = torch.from_numpy(boxes)
+        elif self.with_defect:
+            item["defect"] = torch.from_numpy(self.defect_mask(i))
         return item
