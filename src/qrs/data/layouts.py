@@ -13,7 +13,7 @@ import csv
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +83,24 @@ def _problem(path: Path, source: str) -> str | None:
     return name_problem(source)
 
 
+def _inputs(listing: Listing, directory: Path, root: Path, *, recursive: bool = True,
+            ignore: Callable[[Path], bool] = lambda path: False) -> Iterator[tuple[Path, str]]:
+    """(path, source relative to ``root``) of the entries under ``directory`` that are images to read;
+    the others are listed as skipped with their reason, ignored ones (masks) are left out, and
+    directories with an image suffix are counted."""
+    entries = list_entries(directory, recursive=recursive)
+    listing.image_dirs += entries.image_dirs
+    for path in entries.files:
+        if ignore(path):
+            continue
+        source = _relative(path, root)
+        problem = _problem(path, source)
+        if problem:
+            listing.skip(source, problem)
+            continue
+        yield path, source
+
+
 def read_ksdd2(root: Path) -> Listing:
     """KSDD2: ``ROOT/{train,test}/<id>.png`` with ``<id>_GT.png`` masks; the mask gives the label."""
     listing = Listing()
@@ -93,16 +111,8 @@ def read_ksdd2(root: Path) -> Listing:
             "(and the same under ROOT/test/)"
         )
     for split in splits:
-        entries = list_entries(root / split, recursive=False)
-        listing.image_dirs += entries.image_dirs
-        for path in entries.files:
-            if path.stem.endswith("_GT"):
-                continue
-            source = _relative(path, root)
-            problem = _problem(path, source)
-            if problem:
-                listing.skip(source, problem)
-                continue
+        for path, source in _inputs(listing, root / split, root, recursive=False,
+                                    ignore=lambda p: p.stem.endswith("_GT")):
             listing.records.append(
                 Record(
                     id=path.stem,
@@ -135,14 +145,7 @@ def read_sodf(root: Path) -> Listing:
             data = cat / cls / "data"
             if not data.is_dir():
                 continue
-            entries = list_entries(data, recursive=False)
-            listing.image_dirs += entries.image_dirs
-            for path in entries.files:
-                source = _relative(path, root)
-                problem = _problem(path, source)
-                if problem:
-                    listing.skip(source, problem)
-                    continue
+            for path, source in _inputs(listing, data, root, recursive=False):
                 mask = cat / cls / "annotation" / path.name if label == 1 else None
                 listing.records.append(
                     Record(
@@ -234,20 +237,14 @@ def read_folder(
     mask_files = set(mask_map.values())
     box_map = _read_boxes(boxes_csv, root) if boxes_csv else {}
     split_map = _read_split_file(split_file) if split_file else {}
+
+    def is_mask(path: Path) -> bool:
+        return (path in mask_files or bool(mask_root and mask_root in path.parents)
+                or bool(mask_suffix and path.stem.endswith(mask_suffix)))
+
     for d, label in dirs:
         base = root / d
-        entries = list_entries(base)
-        listing.image_dirs += entries.image_dirs
-        for path in entries.files:
-            if path in mask_files or (mask_root and mask_root in path.parents):
-                continue
-            if mask_suffix and path.stem.endswith(mask_suffix):
-                continue
-            source = _relative(path, root)
-            problem = _problem(path, source)
-            if problem:
-                listing.skip(source, problem)
-                continue
+        for path, source in _inputs(listing, base, root, ignore=is_mask):
             rid = _slug(str(Path(source).with_suffix("")))
             sub = path.relative_to(base).parts
             rec = Record(
