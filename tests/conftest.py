@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
+from qrs.model import read_checkpoint
+from qrs.train import TrainConfig, train
 
 DEEPPCB = Path(__file__).resolve().parent / "data" / "deeppcb"
 """20 real DeepPCB boards (40 images) vendored with their licence; see its README."""
@@ -31,3 +34,24 @@ def prepared_small(ksdd2_raw: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("prepared") / "p32"
     prepare("ksdd2", ksdd2_raw, out, img_size=32, progress=False)
     return out
+
+
+def straight_and_resumed(make: Callable[..., TrainConfig], tmp_path: Path, crash_at: tuple[int, int],
+                         **kw: object) -> tuple[dict, dict]:
+    """Train ``make(out, **kw)`` straight through, and again interrupted before batch ``crash_at[1]`` of
+    epoch ``crash_at[0]`` then resumed; returns both ``last.pt`` payloads, after checking that the
+    crashed run's last.pt holds the epoch before the crash."""
+    full = train(make(tmp_path / "full", **kw))
+
+    def crash(epoch: int, batch: int) -> None:
+        if (epoch, batch) == crash_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make(tmp_path / "crashed", **kw), on_batch=crash)
+    assert read_checkpoint(tmp_path / "crashed" / "last.pt")["meta"]["epoch"] == crash_at[0] - 1
+    resumed = train(make(tmp_path / "crashed", resume=True, **kw))
+    a, b = read_checkpoint(full.last_path), read_checkpoint(resumed.last_path)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    return a, b

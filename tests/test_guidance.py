@@ -5,6 +5,7 @@ measurably moves the map onto the defect."""
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import straight_and_resumed
 from qrs.cam import closed_form_cam, compute_cams, gap_linear
 from qrs.data.dataset import PreparedDataset
 from qrs.data.preparation import prepare
@@ -165,18 +167,8 @@ def test_mask_fraction_and_missing_masks(guided_data: Path, tmp_path: Path, caps
 
 
 def test_resume_is_exact_with_mask_guidance(guided_data: Path, tmp_path: Path) -> None:
-    kw = dict(num_epochs=3, mask_loss="energy", augment="standard")
-    full = train(_config(guided_data, tmp_path / "full", **kw))
-
-    def crash(epoch: int, batch: int) -> None:
-        if epoch == 2 and batch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(guided_data, tmp_path / "crashed", **kw), on_batch=crash)
-    resumed = train(_config(guided_data, tmp_path / "crashed", resume=True, **kw))
-    a, b = read_checkpoint(full.last_path), read_checkpoint(resumed.last_path)
-    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    a, b = straight_and_resumed(partial(_config, guided_data), tmp_path, (2, 1), num_epochs=3, mask_loss="energy",
+                                augment="standard")
     assert [h["train_mask_loss"] for h in a["history"]] == [h["train_mask_loss"] for h in b["history"]]
 
 

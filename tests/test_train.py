@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from qrs import train as train_module
+from conftest import straight_and_resumed
 from qrs.cli import app
 from qrs.errors import QrsError
 from qrs.model import load_checkpoint, read_checkpoint
@@ -64,21 +66,8 @@ def test_training_stops_at_the_right_epoch_on_a_scripted_validation_loss(
 
 
 def test_resume_after_a_crash_in_epoch_3_gives_the_same_weights(prepared_small: Path, tmp_path: Path) -> None:
-    full = train(_config(prepared_small, tmp_path / "full", num_epochs=4, augment="standard"))
-
-    def crash(epoch: int, batch: int) -> None:
-        if epoch == 3 and batch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(prepared_small, tmp_path / "crashed", num_epochs=4, augment="standard"), on_batch=crash)
-    assert read_checkpoint(tmp_path / "crashed" / "last.pt")["meta"]["epoch"] == 2
-    resumed = train(_config(prepared_small, tmp_path / "crashed", num_epochs=4, augment="standard", resume=True))
-    a = read_checkpoint(full.last_path)
-    b = read_checkpoint(resumed.last_path)
+    a, b = straight_and_resumed(partial(_config, prepared_small), tmp_path, (3, 2), num_epochs=4, augment="standard")
     assert a["meta"]["epoch"] == b["meta"]["epoch"] == 4
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
 
 
@@ -162,19 +151,7 @@ def test_warmup_must_fit_in_the_run(prepared_small: Path, tmp_path: Path) -> Non
                                                             ("efficientnet_lite0", "cosine", "adam")])
 def test_resume_is_exact_with_a_schedule(prepared_small: Path, tmp_path: Path, arch: str, schedule: str,
                                          optimizer: str) -> None:
-    kw = dict(arch=arch, num_epochs=3, schedule=schedule, optimizer=optimizer, warmup_epochs=0.5,
-              weight_decay=0.01)
-    full = train(_config(prepared_small, tmp_path / "full", **kw))
-
-    def crash(epoch: int, batch: int) -> None:
-        if epoch == 2 and batch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(prepared_small, tmp_path / "crashed", **kw), on_batch=crash)
-    resumed = train(_config(prepared_small, tmp_path / "crashed", resume=True, **kw))
-    a, b = read_checkpoint(full.last_path), read_checkpoint(resumed.last_path)
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
+    a, b = straight_and_resumed(partial(_config, prepared_small), tmp_path, (2, 1), arch=arch, num_epochs=3,
+                                schedule=schedule, optimizer=optimizer, warmup_epochs=0.5, weight_decay=0.01)
     assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
     assert a["meta"]["arch"] == arch and a["meta"]["train_config"]["schedule"] == schedule
