@@ -9,9 +9,11 @@ Usage:
   python benchmarks/bench_backbones.py --src DIR [--img-size 224] [--epochs 10] [--seeds 0 1 2]
       [--configs resnet18:none:constant:adam:1e-3 efficientnet_lite0:imagenet:onecycle:adamw:1e-3 ...]
 
-A config is arch:pretrained:schedule:optimizer:learning_rate. Columns (test split, best_loss.pt):
+A config is arch:pretrained:schedule:optimizer:learning_rate, optionally followed by :key=value
+training options (e.g. :mask_loss=energy:mask_fraction=0.25). Columns (test split, best_loss.pt):
 F1, AP, AUROC of p_defective; QRS AUROC and Mann-Whitney p (good-anchored calibration); good parts
-at QRS 0; pointing game; seconds per epoch. Mean +- std over the seeds.
+at QRS 0; pointing game; share of the map's energy in the defect boxes; seconds per epoch. Mean +-
+std over the seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from qrs.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["resnet18:none:constant:adam:1e-3", "efficientnet_lite0:imagenet:onecycle:adamw:1e-3"]
-COLUMNS = ("f1", "ap", "auroc", "qrs_auroc", "mw_p", "good_at_0", "pointing", "s_per_epoch")
+COLUMNS = ("f1", "ap", "auroc", "qrs_auroc", "mw_p", "good_at_0", "pointing", "energy", "s_per_epoch")
 
 
 def prepared_data(args: argparse.Namespace, work: Path) -> Path:
@@ -51,22 +53,34 @@ def prepared_data(args: argparse.Namespace, work: Path) -> Path:
 
 def run_config(data: Path, out: Path, config: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     """Train one configuration with one seed and measure it on the test split."""
-    arch, pretrained, schedule, optimizer, lr = config.split(":")
+    arch, pretrained, schedule, optimizer, lr, *options = config.split(":")
+    extra = {k: _value(v) for k, v in (o.split("=", 1) for o in options)}
     t0 = time.perf_counter()
     result = train(TrainConfig(data_root=data, out=out, arch=arch, pretrained=pretrained, schedule=schedule,
                                optimizer=optimizer, learning_rate=float(lr), num_epochs=args.epochs,
                                batch_size=args.batch_size, patience=args.epochs, augment=args.augment,
                                weight_decay=args.weight_decay if optimizer == "adamw" else 0.0, seed=seed,
-                               device="cpu", progress=False))
+                               device="cpu", progress=False, **extra))
     per_epoch = (time.perf_counter() - t0) / len(result.history)
     metrics = evaluate(data, [result.best_loss_path], device="cpu", progress=False)["best_loss.pt"]
     calibrate(result.best_loss_path, data, device="cpu", progress=False)
     rows = extract(data, result.best_loss_path, modes=["test"], out_dir=out / "extract", device="cpu",
                    progress=False).rows["test"]
     q = qrs_statistics(rows["qrs"].to_numpy(), rows["label"].to_numpy())
+    loc = localisation_summary(rows)
     return {"f1": metrics["f1"], "ap": metrics["ap"], "auroc": metrics["auroc"], "qrs_auroc": q["auroc"],
             "mw_p": q["mann_whitney_p"], "good_at_0": q["zero_share_good"],
-            "pointing": localisation_summary(rows)["pointing_game"], "s_per_epoch": per_epoch}
+            "pointing": loc["pointing_game"], "energy": loc["energy_in_boxes"], "s_per_epoch": per_epoch}
+
+
+def _value(text: str) -> int | float | str:
+    """A training option's value from the command line: a number where it reads as one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:
