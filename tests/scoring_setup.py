@@ -39,12 +39,13 @@ def png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_checkpoint(path: Path, *, calibrated: bool = True, risk_cuts: dict[str, float] | None = RISK_CUTS) -> Path:
-    """A random resnet18 checkpoint at 32 px; calibrated like ``qrs calibrate`` writes it (anchor good: the
+def make_checkpoint(path: Path, *, calibrated: bool = True, risk_cuts: dict[str, float] | None = RISK_CUTS,
+                    arch: str = "resnet18") -> Path:
+    """A random checkpoint (resnet18 unless ``arch`` says otherwise) at 32 px; calibrated like ``qrs calibrate`` writes it (anchor good: the
     scale is the 0.99 quantile of the map peaks of a few synthetic good parts, over tau)."""
     torch.manual_seed(0)
-    model = build_model("resnet18").eval()
-    meta = base_meta("resnet18", SIDE)
+    model = build_model(arch).eval()
+    meta = base_meta(arch, SIDE)
     if calibrated:
         model.qrs_meta = meta
         images = torch.from_numpy(np.stack([resize_image(part_image(s, defective=False), SIDE, "stretch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,11 @@ def test_demo_runs_every_step_and_continues_where_it_stopped(tmp_path: Path,
     for step in ("== synth", "== prepare", "== train", "== calibrate"):
         line = next(line for line in again.splitlines() if line.startswith(step))
         assert line.endswith("(already done, skipped)"), line
+
+
+def test_the_pipeline_runs_with_efficientnet_lite0(tmp_path: Path) -> None:
+    result = run_demo(tmp_path / "lite", config=replace(TINY, arch="efficientnet_lite0"), progress=False)
+    assert read_checkpoint(tmp_path / "lite" / "run" / "best_loss.pt")["meta"]["arch"] == "efficientnet_lite0"
+    assert result.stats["options"]["arch"] == "efficientnet_lite0"
+    assert set(result.stats["modes"]) == {"train", "test"} and result.stats["modes"]["test"]["n_images"] == 20
+    assert "efficientnet_lite0 &middot; Grad-CAM++" in result.report.read_text()

@@ -18,6 +18,7 @@ import torch
 from ddp_worker import state_digest
 from qrs.distributed import DistContext, collective_timeout_s, init_distributed, shard_indices
 from qrs.errors import QrsError
+from qrs.data.preparation import prepare
 from qrs.extract import calibrate, extract
 from qrs.model import base_meta, build_model, load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -35,9 +36,9 @@ def torchrun(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) ->
                           env=environ, capture_output=True, text=True, timeout=LIMIT_S)
 
 
-def _checkpoint(path: Path) -> Path:
+def _checkpoint(path: Path, arch: str = "resnet18", side: int = 32) -> Path:
     torch.manual_seed(0)
-    save_checkpoint(path, build_model("resnet18"), base_meta("resnet18", 32))
+    save_checkpoint(path, build_model(arch), base_meta(arch, side))
     return path
 
 
@@ -60,9 +61,15 @@ def test_collective_timeout_comes_from_the_environment(monkeypatch: pytest.Monke
             collective_timeout_s()
 
 
-def test_two_process_extraction_equals_one_process(prepared_small: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
+def test_two_process_extraction_equals_one_process(ksdd2_raw: Path, prepared_small: Path, tmp_path: Path,
+                                                   arch: str) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    single_model = _checkpoint(tmp_path / "single.pt")
+    side = 32 if arch == "resnet18" else 64  # Lite0's stride is 32: a 2 x 2 map, not a flat 1 x 1 one
+    if side != 32:
+        prepared_small = tmp_path / "p64"
+        prepare("ksdd2", ksdd2_raw, prepared_small, img_size=side, progress=False)
+    single_model = _checkpoint(tmp_path / "single.pt", arch, side)
     shutil.copy(single_model, tmp_path / "ddp.pt")
     single_cal = calibrate(single_model, prepared_small, device="cpu", progress=False)
     extract(prepared_small, single_model, modes=["train", "test"], out_dir=one, device="cpu", progress=False)
@@ -81,7 +88,7 @@ def test_two_process_extraction_equals_one_process(prepared_small: Path, tmp_pat
         assert list(a["ids"]) == list(b["ids"]) and list(a["labels"]) == list(b["labels"])
         np.testing.assert_allclose(b["qrs"], a["qrs"], atol=1e-6)
         np.testing.assert_allclose(b["p_defective"], a["p_defective"], atol=1e-6)
-        np.testing.assert_allclose(b["raw_maps"], a["raw_maps"], atol=1e-5)
+        np.testing.assert_allclose(b["raw_maps"], a["raw_maps"], atol=1e-5, rtol=1e-5)
         assert float(b["scale"]) == pytest.approx(float(a["scale"]), rel=1e-6)
         rows_a = pd.read_csv(one / f"gradcam_weights_{mode}.csv", dtype={"id": str})
         rows_b = pd.read_csv(two / f"gradcam_weights_{mode}.csv", dtype={"id": str})

@@ -113,6 +113,21 @@ def test_model_route(client: TestClient, checkpoint: Path) -> None:
     assert info["calibration"] == {"anchor": "good", "quantile": 0.99, "split": "val", "n_parts": 4}
 
 
+def test_a_lite0_checkpoint_is_served_with_the_same_rows_as_qrs_score(images: list[Path], tmp_path: Path) -> None:
+    lite = make_checkpoint(tmp_path / "lite.pt", arch="efficientnet_lite0")
+    want = {Path(r["file"]).name: r for r in score_files(images, lite, out=tmp_path, progress=False).rows}
+    with TestClient(create_app(lite)) as c:
+        wait_ready(c)
+        assert c.get("/v1/model").json()["arch"] == "efficientnet_lite0"
+        results = c.post("/v1/score", files=[upload(p) for p in images]).json()["results"]
+    assert len(results) == N_IMAGES
+    for result in results:
+        expected = want[result["file"]]
+        assert result["verdict"] == expected["verdict"] and result["risk_level"] == expected["risk_level"]
+        assert result["qrs"] == pytest.approx(expected["qrs"], abs=1e-6)
+        assert result["p_defective"] == pytest.approx(expected["p_defective"], abs=1e-6)
+
+
 def test_score_equals_qrs_score(client: TestClient, images: list[Path], in_process: dict[str, dict]) -> None:
     response = client.post("/v1/score", files=[upload(p) for p in images])
     assert response.status_code == 200
