@@ -110,13 +110,13 @@ def main() -> None:
     source = "synthetic demo data" if args.synthetic else args.src
     print(f"\n{source}, {args.img_size} px, {args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}; "
           "test split, best_loss.pt, mean +- std")
-    print(f"{'config':<48}" + "".join(f"{c:>16}" for c in COLUMNS))
+    print(f"{'config':<64}" + "".join(f"{c:>18}" for c in COLUMNS))
     for config, runs in results.items():
         cells = []
         for c in COLUMNS:
             values = np.array([r[c] for r in runs if r[c] is not None], dtype=np.float64)
             cells.append(f"{values.mean():.3g} +- {values.std():.2g}" if values.size else "-")
-        print(f"{config:<48}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{config:<64}" + "".join(f"{c:>18}" for c in cells))
 
 
 if __name__ == "__main__":
