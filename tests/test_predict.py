@@ -163,7 +163,7 @@ def test_checkpoint_calibrated_by_the_first_version_still_scores(parts: Path, tm
     assert scorer.info()["calibration"] == {"anchor": "defective", "quantile": 0.5, "split": "train", "n_parts": 4}
     row = score_files([parts / "defect_1.png"], ckpt, out=tmp_path, progress=False).rows[0]
     batch = torch.from_numpy(np.stack([resize_image(part_image(1, True), SIDE, "stretch")])).permute(0, 3, 1, 2)
-    want = score_batch(scorer.model, batch, None, scale=cal["scale"], options=ScoreOptions())
+    want = score_batch(scorer.backend.model, batch, None, scale=cal["scale"], options=ScoreOptions())
     assert row["norm"] == "dataset" and row["qrs"] == pytest.approx(float(want["qrs"][0]), abs=1e-6)
     assert row["risk_level"] == risk_level(want["qrs"], (RISK_CUTS["low"], RISK_CUTS["high"]))[0]
 
@@ -253,5 +253,11 @@ def test_cli_serve_passes_options_and_reads_the_key_from_env(checkpoint: Path, m
     result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--max-batch", "4"],
                                 env={"QRS_API_KEY": "s3cret"})
     assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["serve", "--model", "model.onnx", "--backend", "onnx"])
+    assert result.exit_code == 0, result.output
     assert calls == [{"model": checkpoint, "host": "127.0.0.1", "port": 8000, "api_key": "s3cret",
-                      "max_upload_mb": 20, "max_batch": 4, "max_wait_ms": 5, "device": "auto", "resize": None}]
+                      "max_upload_mb": 20, "max_batch": 4, "max_wait_ms": 5, "device": "auto", "resize": None,
+                      "backend": "torch"},
+                     {"model": Path("model.onnx"), "host": "127.0.0.1", "port": 8000, "api_key": None,
+                      "max_upload_mb": 20, "max_batch": 16, "max_wait_ms": 5, "device": "auto", "resize": None,
+                      "backend": "onnx"}]
