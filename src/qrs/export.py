@@ -24,9 +24,9 @@ from qrs.atomic import write_with
 from qrs.cam import gap_linear
 from qrs.choices import EXPORT_FORMATS
 from qrs.errors import QrsError
-from qrs.extract import score_batch
+from qrs.extract import ScoreOptions, score_batch
 from qrs.model import load_checkpoint
-from qrs.predict import Scorer, TorchBackend
+from qrs.predict import Scorer
 from qrs.runtime import FORMAT_TAG, FORMAT_VERSION, INPUT, OUTPUTS, OnnxBackend, OnnxModelError, require
 
 DEFAULT_OPSET = 18
@@ -53,16 +53,15 @@ def parse_batch(value: str | int) -> int | None:
 
 class ScoringGraph(nn.Module):
     """What is exported: uint8 B x S x S x 3 RGB images (NHWC, resized like the training data) ->
-    the :data:`OUTPUTS`, through :func:`qrs.extract.score_batch` with the scorer's calibration and
-    the whole image as ROI. The ImageNet normalisation is inside (:func:`qrs.model.normalize`)."""
+    the :data:`qrs.runtime.OUTPUTS`, through :func:`qrs.extract.score_batch` with a calibration scale
+    and options (a :class:`qrs.predict.Scorer`'s) and the whole image as ROI. The ImageNet
+    normalisation is inside (:func:`qrs.model.normalize`)."""
 
-    def __init__(self, scorer: Scorer) -> None:
+    def __init__(self, model: nn.Module, scale: float | None, options: ScoreOptions) -> None:
         super().__init__()
-        if not isinstance(scorer.backend, TorchBackend):
-            raise QrsError(f"only a PyTorch model can be exported, not a {scorer.backend.name} one")
-        self.model = scorer.backend.model
-        self.scale = scorer.scale
-        self.options = scorer.options
+        self.model = model
+        self.scale = scale
+        self.options = options
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = score_batch(self.model, images.permute(0, 3, 1, 2), None, scale=self.scale, options=self.options)
@@ -142,7 +141,7 @@ def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLik
                        "ResNet's layer4, EfficientNet-Lite0's bn2, with their own forward and no hooks), so its "
                        "map needs a backward pass at run time, which the exported graph does not have")
     scorer = Scorer(model, resize=resize)
-    graph = ScoringGraph(scorer).eval()
+    graph = ScoringGraph(model, scorer.scale, scorer.options).eval()
     side = scorer.side
     generator = np.random.default_rng(0)
     example = torch.from_numpy(generator.integers(0, 256, (batch or CHECK_IMAGES, side, side, 3), dtype=np.uint8))

@@ -120,7 +120,8 @@ class OnnxBackend:
             session = ort.InferenceSession(str(path), providers=providers)
         except _load_errors(ort) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise OnnxModelError(f"{path} is not a readable ONNX model (corrupted or truncated?): {reason}") from exc
+            raise OnnxModelError(f"{path} is not a readable ONNX model (corrupted, truncated, or a checkpoint, which "
+                                 f"--backend torch reads): {reason}") from exc
         return cls(session, path)
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
