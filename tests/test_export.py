@@ -181,7 +181,7 @@ def test_the_cli_exports_and_says_how_close_it_came(exported: Exported, tmp_path
     result = CliRunner().invoke(app, ["export", "--model", str(exported.checkpoint), "--format", "onnx", "--out",
                                       str(tmp_path / "m.onnx"), "--batch", "2", "--resize", "pad"])
     assert result.exit_code == 0, result.output
-    first, second = result.output.strip().splitlines()
+    first, second = result.stdout.strip().splitlines()  # the progress bar is on stderr
     assert first.startswith(f"exported resnet18 ({EXPORT_SIDE} px, calibrated) to {tmp_path / 'm.onnx'} (")
     assert first.endswith(" MB, opset 18, batch 2); outputs: logits, p_defective, raw_map, map, normalized_map, qrs")
     assert second.startswith("checked with ONNX Runtime against PyTorch on 2 random images: p_defective within ")
@@ -208,6 +208,9 @@ def test_a_model_outside_the_closed_form_is_refused(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_refused(exported: Exported, tmp_path: Path) -> None:
+    with pytest.raises(QrsError, match=rf"^--out {exported.checkpoint} is the checkpoint itself: write the ONNX model "
+                                       "to another file$"):
+        export_onnx(exported.checkpoint, exported.checkpoint)
     with pytest.raises(QrsError, match=r"^--opset must be >= 18 \(the oldest the PyTorch exporter writes\), got 17$"):
         export_onnx(exported.checkpoint, tmp_path / "m.onnx", opset=17)
     with pytest.raises(QrsError, match=r"^unknown --format 'tflite'; expected one of onnx$"):

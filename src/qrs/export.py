@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qrs.atomic import write_with
 from qrs.cam import gap_linear
@@ -121,7 +122,8 @@ def _deviations(graph: ScoringGraph, path: Path, images: Tensor) -> dict[str, fl
 
 
 def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str = "onnx",
-                opset: int = DEFAULT_OPSET, batch: int | None = None, resize: str | None = None) -> ExportResult:
+                opset: int = DEFAULT_OPSET, batch: int | None = None, resize: str | None = None,
+                progress: bool = True) -> ExportResult:
     """Export a checkpoint (a path, or a loaded model with its ``qrs_meta``) as one ONNX graph with
     its map and QRS; ``batch`` None = any batch size. Written atomically, after a check with ONNX
     Runtime against PyTorch on random images."""
@@ -134,6 +136,8 @@ def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLik
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module, "qrs export")
     if not isinstance(model, nn.Module):
+        if Path(model).resolve() == Path(out).resolve():
+            raise QrsError(f"--out {out} is the checkpoint itself: write the ONNX model to another file")
         model = load_checkpoint(model, device="cpu")
     if gap_linear(model) is None:
         raise QrsError(f"cannot export this {model.qrs_meta.get('arch', type(model).__name__)} model: its logits are "
@@ -145,30 +149,34 @@ def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLik
     side = scorer.side
     generator = np.random.default_rng(0)
     example = torch.from_numpy(generator.integers(0, 256, (batch or CHECK_IMAGES, side, side, 3), dtype=np.uint8))
-    program = torch.onnx.export(
-        graph, (example,), dynamo=True, verbose=False, input_names=[INPUT], output_names=list(OUTPUTS),
-        opset_version=opset, external_data=False,
-        dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}} if batch is None else None)
-    written = program.model.opset_imports.get("")
-    if written != opset:
-        raise QrsError(f"the PyTorch exporter could not write opset {opset} (it wrote {written}); choose another "
-                       "--opset")
-    program.model.metadata_props.update(metadata(scorer, batch, opset))
     deviations: dict[str, float] = {}
+    with tqdm(total=2, desc="export: trace", unit="step", disable=not progress) as bar:
+        program = torch.onnx.export(
+            graph, (example,), dynamo=True, verbose=False, input_names=[INPUT], output_names=list(OUTPUTS),
+            opset_version=opset, external_data=False,
+            dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}} if batch is None else None)
+        written = program.model.opset_imports.get("")
+        if written != opset:
+            raise QrsError(f"the PyTorch exporter could not write opset {opset} (it wrote {written}); choose another "
+                           "--opset")
+        program.model.metadata_props.update(metadata(scorer, batch, opset))
+        bar.update()
+        bar.set_description("export: check")
 
-    def write(tmp: Path) -> None:
-        program.save(tmp, external_data=False)
-        try:
-            deviations.update(_deviations(graph, tmp, example))
-        except OnnxModelError as exc:
-            raise QrsError(f"ONNX Runtime cannot run the exported graph ({exc}); {out} was not written (a lower "
-                           "--opset may help)") from exc
-        bad = {k: v for k, v in deviations.items() if k in CHECK_TOLERANCE and not v <= CHECK_TOLERANCE[k]}
-        if bad:
-            raise QrsError(f"the exported graph disagrees with PyTorch ({', '.join(f'{k} by {v:.2e}' for k, v in bad.items())}"
-                           f"); {out} was not written")
+        def write(tmp: Path) -> None:
+            program.save(tmp, external_data=False)
+            try:
+                deviations.update(_deviations(graph, tmp, example))
+            except OnnxModelError as exc:
+                raise QrsError(f"ONNX Runtime cannot run the exported graph ({exc}); {out} was not written (a lower "
+                               "--opset may help)") from exc
+            bad = {k: v for k, v in deviations.items() if k in CHECK_TOLERANCE and not v <= CHECK_TOLERANCE[k]}
+            if bad:
+                raise QrsError("the exported graph disagrees with PyTorch ("
+                               f"{', '.join(f'{k} by {v:.2e}' for k, v in bad.items())}); {out} was not written")
 
-    write_with(out, write)
+        write_with(out, write)
+        bar.update()
     out = Path(out)
     return ExportResult(out, out.stat().st_size, str(scorer.meta["arch"]), side, batch, opset,
                         bool(scorer.meta.get("calibration")), len(example), deviations)

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from qrs import __version__
 from qrs.atomic import write_bytes, write_text
+from qrs.cam import CamResult
 from qrs.choices import BACKENDS, OUTPUT_FORMATS, RESIZE_MODES
 from qrs.data.regions import Region, RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
-from qrs.cam import CamResult
 from qrs.extract import ScoreOptions, calibration_source, model_cams, score_maps
 from qrs.files import (
     Entries, file_problem, ignored_dirs_note, is_image_file, list_entries, name_problem, printable, shorten,
