@@ -21,6 +21,19 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> "Exported":
+    """A calibrated checkpoint of ``scoring_setup.make_checkpoint`` at 64 px and its ``qrs export`` (dynamic
+    batch), for the tests of the onnx backend."""
+    from qrs.export import export_onnx
+    from scoring_setup import EXPORT_SIDE, Exported, make_checkpoint
+
+    root = tmp_path_factory.mktemp("exported")
+    checkpoint = make_checkpoint(root / "calibrated.pt", side=EXPORT_SIDE)
+    export_onnx(checkpoint, root / "calibrated.onnx")
+    return Exported(checkpoint, root / "calibrated.onnx")
+
+
+@pytest.fixture(scope="session")
 def ksdd2_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small raw KSDD2-layout dataset: 40 train + 20 test images, 20% defective."""
     root = tmp_path_factory.mktemp("raw") / "ksdd2"

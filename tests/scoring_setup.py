@@ -10,6 +10,7 @@ import io
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,9 +23,18 @@ from qrs.model import base_meta, build_model, save_checkpoint
 from qrs.score import calibration_scale
 
 SIDE = 32
+EXPORT_SIDE = 64
+"""Side of the ``exported`` fixture's model: a 2x2 map, so that its maps (and an ROI) vary over the image."""
 PART_SIZE = (48, 96)
 """(width, height) of the synthetic raw images: a tall part, like KSDD2's, only tiny."""
 RISK_CUTS = {"low": 0.02, "high": 0.25}
+
+
+class Exported(NamedTuple):
+    """A checkpoint of :func:`make_checkpoint` and its ``qrs export`` (the ``exported`` fixture)."""
+
+    checkpoint: Path
+    onnx: Path
 
 
 def part_image(seed: int, defective: bool = True, size: tuple[int, int] = PART_SIZE) -> np.ndarray:
@@ -40,15 +50,16 @@ def png(rgb: np.ndarray) -> bytes:
 
 
 def make_checkpoint(path: Path, *, calibrated: bool = True, risk_cuts: dict[str, float] | None = RISK_CUTS,
-                    arch: str = "resnet18") -> Path:
-    """A random checkpoint (resnet18 unless ``arch`` says otherwise) at 32 px; calibrated like ``qrs calibrate`` writes it (anchor good: the
-    scale is the 0.99 quantile of the map peaks of a few synthetic good parts, over tau)."""
+                    arch: str = "resnet18", side: int = SIDE) -> Path:
+    """A random checkpoint (resnet18 unless ``arch`` says otherwise, 32 px by default); calibrated like ``qrs
+    calibrate`` writes it (anchor good: the scale is the 0.99 quantile of the map peaks of a few synthetic good
+    parts, over tau)."""
     torch.manual_seed(0)
     model = build_model(arch).eval()
-    meta = base_meta(arch, SIDE)
+    meta = base_meta(arch, side)
     if calibrated:
         model.qrs_meta = meta
-        images = torch.from_numpy(np.stack([resize_image(part_image(s, defective=False), SIDE, "stretch")
+        images = torch.from_numpy(np.stack([resize_image(part_image(s, defective=False), side, "stretch")
                                             for s in range(4)]))
         peaks = score_batch(model, images.permute(0, 3, 1, 2), None, scale=None,
                             options=ScoreOptions(norm="image"))["peak"]

@@ -24,7 +24,7 @@ from qrs.model import load_checkpoint
 from qrs.data.regions import parse_roi
 from qrs.predict import CSV_COLUMNS, OVERLAY_MAX_SIDE, Scorer, score_files, training_resize
 from qrs.score import risk_level
-from scoring_setup import PART_SIZE, RISK_CUTS, SIDE, make_checkpoint, part_image, png
+from scoring_setup import EXPORT_SIDE, PART_SIZE, RISK_CUTS, SIDE, Exported, make_checkpoint, part_image, png
 
 RESULT_KEYS = {"file", "verdict", "prediction", "p_defective", "qrs", "risk_level", "area", "mean_over", "max_over",
                "peak", "n_over", "norm"}
@@ -163,7 +163,7 @@ def test_checkpoint_calibrated_by_the_first_version_still_scores(parts: Path, tm
     assert scorer.info()["calibration"] == {"anchor": "defective", "quantile": 0.5, "split": "train", "n_parts": 4}
     row = score_files([parts / "defect_1.png"], ckpt, out=tmp_path, progress=False).rows[0]
     batch = torch.from_numpy(np.stack([resize_image(part_image(1, True), SIDE, "stretch")])).permute(0, 3, 1, 2)
-    want = score_batch(scorer.model, batch, None, scale=cal["scale"], options=ScoreOptions())
+    want = score_batch(scorer.backend.model, batch, None, scale=cal["scale"], options=ScoreOptions())
     assert row["norm"] == "dataset" and row["qrs"] == pytest.approx(float(want["qrs"][0]), abs=1e-6)
     assert row["risk_level"] == risk_level(want["qrs"], (RISK_CUTS["low"], RISK_CUTS["high"]))[0]
 
@@ -253,5 +253,54 @@ def test_cli_serve_passes_options_and_reads_the_key_from_env(checkpoint: Path, m
     result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--max-batch", "4"],
                                 env={"QRS_API_KEY": "s3cret"})
     assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["serve", "--model", "model.onnx", "--backend", "onnx"])
+    assert result.exit_code == 0, result.output
     assert calls == [{"model": checkpoint, "host": "127.0.0.1", "port": 8000, "api_key": "s3cret",
-                      "max_upload_mb": 20, "max_batch": 4, "max_wait_ms": 5, "device": "auto", "resize": None}]
+                      "max_upload_mb": 20, "max_batch": 4, "max_wait_ms": 5, "device": "auto", "resize": None,
+                      "backend": "torch"},
+                     {"model": Path("model.onnx"), "host": "127.0.0.1", "port": 8000, "api_key": None,
+                      "max_upload_mb": 20, "max_batch": 16, "max_wait_ms": 5, "device": "auto", "resize": None,
+                      "backend": "onnx"}]
+
+
+def test_the_onnx_backend_gives_the_rows_of_the_torch_backend(exported: Exported, parts: Path, tmp_path: Path) -> None:
+    """Same files, ROI (boxes and polygons, some images inspected whole) and overlays: the same rows."""
+    roi_file = tmp_path / "roi.json"
+    roi_file.write_text(json.dumps({"defect_1.png": [[0.2, 0.1, 0.8, 0.6]],
+                                    "good_0": [[[0.1, 0.1], [0.9, 0.2], [0.5, 0.9]]]}))
+    results = {backend: score_files([parts], model, out=tmp_path / backend, roi=str(roi_file), overlay=True,
+                                    batch_size=3, backend=backend, progress=False)
+               for backend, model in (("torch", exported.checkpoint), ("onnx", exported.onnx))}
+    torch_rows, onnx_rows = results["torch"].rows, results["onnx"].rows
+    assert len(onnx_rows) == 7 and results["onnx"].n_errors == 1 and results["onnx"].note == ""
+    assert {r["n_over"] for r in torch_rows if "n_over" in r} != {EXPORT_SIDE ** 2}, "the ROI must matter"
+    for want, got in zip(torch_rows, onnx_rows):
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, abs=1e-5), key
+            elif key == "overlay":
+                assert got[key] == value.replace(str(tmp_path / "torch"), str(tmp_path / "onnx"))
+                assert Image.open(got[key]).size == Image.open(value).size
+            else:
+                assert got[key] == value, key
+
+
+def test_cli_scores_with_the_onnx_backend_and_refuses_a_checkpoint(exported: Exported, parts: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    result = CliRunner().invoke(app, ["score", "--model", str(exported.onnx), "--backend", "onnx",
+                                      str(parts / "good_0.png"), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith(f"scored 1 of 1 images: 0 fail, 1 pass, 0 unreadable -> "
+                                          f"{tmp_path / 'scores.jsonl'}")
+    assert json.loads((tmp_path / "scores.jsonl").read_text())["file"] == str(parts / "good_0.png")
+    monkeypatch.setattr(sys, "argv", ["qrs", "score", "--model", str(exported.checkpoint), "--backend", "onnx",
+                                      str(parts / "good_0.png"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith(
+        f"error: {exported.checkpoint} is not a readable ONNX model (corrupted, truncated, or a checkpoint, which "
+        "--backend torch reads): ")
+

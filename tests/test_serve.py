@@ -30,7 +30,7 @@ from qrs.errors import QrsError
 from qrs.model import load_checkpoint
 from qrs.predict import Scorer, score_files
 from qrs.serve import Batcher, create_app, run, serve_in_background
-from scoring_setup import PART_SIZE, RISK_CUTS, SIDE, bomb_png, make_checkpoint, part_image, png
+from scoring_setup import PART_SIZE, RISK_CUTS, SIDE, Exported, bomb_png, make_checkpoint, part_image, png
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -110,6 +110,7 @@ def test_model_route(client: TestClient, checkpoint: Path) -> None:
     assert info["arch"] == "resnet18" and info["img_size"] == SIDE and info["threshold"] == 0.9
     assert info["scale"] == pytest.approx(calibration["scale"]) and info["risk_cuts"] == RISK_CUTS
     assert info["calibrated"] is True and info["qrs_version"] == __version__ and info["resize"] == "stretch"
+    assert info["backend"] == "torch"
     assert info["calibration"] == {"anchor": "good", "quantile": 0.99, "split": "val", "n_parts": 4}
 
 
@@ -321,6 +322,25 @@ def test_event_loop_answers_while_the_model_runs(checkpoint: Path, images: list[
 def test_run_refuses_a_missing_checkpoint_before_binding(tmp_path: Path) -> None:
     with pytest.raises(QrsError, match="does not exist"):
         run(tmp_path / "missing.pt", port=0)
+
+
+def test_the_onnx_backend_keeps_the_http_contract(exported: Exported, images: list[Path], tmp_path: Path) -> None:
+    torch_rows = {Path(r["file"]).name: r for r in score_files(images, exported.checkpoint, out=tmp_path, roi="auto",
+                                                                progress=False).rows}
+    with TestClient(create_app(exported.onnx, backend="onnx")) as c:
+        info = c.get("/v1/model").json()
+        assert info == {**Scorer.load(exported.checkpoint, device="cpu").info(), "backend": "onnx"}
+        response = c.post("/v1/score", files=[upload(p) for p in images], data={"roi": "auto"})
+        assert response.status_code == 200 and len(response.json()["results"]) == N_IMAGES
+        for result in response.json()["results"]:
+            assert_matches(result, torch_rows[result["file"]])
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(exported.onnx.read_bytes()[:4096])
+    with TestClient(create_app(broken, backend="onnx")) as c:
+        response = c.post("/v1/score", files=[upload(images[0])])
+        assert response.status_code == 503 and "not a readable ONNX model" in response.json()["detail"]
+    with pytest.raises(QrsError, match="not a readable ONNX model"):
+        run(broken, port=0, backend="onnx")
 
 
 def test_batcher_gathers_concurrent_jobs_up_to_max_batch() -> None:

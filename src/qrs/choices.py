@@ -17,6 +17,8 @@ Norm = Literal["dataset", "image"]
 Aggregation = Literal["mass", "area"]
 Anchor = Literal["good", "defective"]
 OutputFormat = Literal["jsonl", "csv"]
+BackendName = Literal["torch", "onnx"]
+ExportFormat = Literal["onnx"]
 
 FORMATS: tuple[str, ...] = get_args(Format)
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -27,3 +29,5 @@ METHODS: tuple[str, ...] = get_args(Method)
 NORMS: tuple[str, ...] = get_args(Norm)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 ANCHORS: tuple[str, ...] = get_args(Anchor)
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)

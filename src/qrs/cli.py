@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from qrs.choices import (
-    Aggregation, Anchor, Arch, Augment, ClassWeights, Format, MaskLoss, Method, Norm, Optimizer, OutputFormat,
-    Pretrained, ResizeMode, Schedule, Split,
+    Aggregation, Anchor, Arch, Augment, BackendName, ClassWeights, ExportFormat, Format, MaskLoss, Method, Norm,
+    Optimizer, OutputFormat, Pretrained, ResizeMode, Schedule, Split,
 )
 from qrs.errors import QrsError
 
@@ -202,8 +202,9 @@ def evaluate(
 def score(
     images: Annotated[list[Path], typer.Argument(help="Image files, or directories searched recursively for images.",
                                                  show_default=False)],
-    model: Annotated[Path, typer.Option(help="Checkpoint; calibrated (`qrs calibrate`) for comparable QRS and risk "
-                                             "levels, else scored with per-image min-max maps.")],
+    model: Annotated[Path, typer.Option(help="Checkpoint, or with --backend onnx a model from `qrs export`; "
+                                             "calibrated (`qrs calibrate`) for comparable QRS and risk levels, else "
+                                             "scored with per-image min-max maps.")],
     roi: Annotated[str, typer.Option(help="Region of interest: full (whole image), auto (Otsu: the part against its "
                                           "background) or a JSON FILE of relative boxes/polygons per image file "
                                           "name or stem (or one list for all).")] = "full",
@@ -216,6 +217,7 @@ def score(
                                                               "or pad. Default: the training data's mode when its "
                                                               "meta.json is still there, else stretch.",
                                                          show_default=False)] = None,
+    backend: BackendOpt = "torch",
     device: DeviceOpt = "auto",
 ) -> None:
     """Score raw images of new parts: pass/fail, p_defective, QRS, risk level, optional overlays.
@@ -225,7 +227,7 @@ def score(
     from qrs.predict import score_files
 
     result = score_files(images, model, out=out, fmt=format, roi=roi, overlay=overlay, batch_size=batch_size,
-                         device=device, resize=resize)
+                         device=device, resize=resize, backend=backend)
     if result.note:
         typer.echo(f"note: {result.note}", err=True)
     typer.echo(result.headline())
@@ -235,7 +237,7 @@ def score(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option(help="Checkpoint to serve.")],
+    model: Annotated[Path, typer.Option(help="Checkpoint to serve, or with --backend onnx a model from `qrs export`.")],
     host: Annotated[str, typer.Option(help="Address to bind; loopback unless the service must be reachable from "
                                            "other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -248,13 +250,39 @@ def serve(
     resize: Annotated[Optional[ResizeMode], typer.Option(help="stretch or pad. Default: the training data's mode when "
                                                               "its meta.json is still there, else stretch.",
                                                          show_default=False)] = None,
+    backend: BackendOpt = "torch",
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve the model over HTTP: POST /v1/score, GET /v1/model, /healthz, /readyz, /docs and a web page at /."""
     from qrs.serve import run
 
     run(model, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, device=device, resize=resize)
+        max_wait_ms=max_wait_ms, device=device, resize=resize, backend=backend)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="Checkpoint to export (calibrated for the normalised map, QRS and risk "
+                                             "cuts of `qrs score`; else they use per-image min-max maps).")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write (atomically; one self-contained file).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="Export format.")] = "onnx",
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer; the runtime on the line must support it).")] = 18,
+    batch: Annotated[str, typer.Option(help="Batch size of the graph: dynamic (any) or a fixed N.")] = "dynamic",
+    resize: Annotated[Optional[ResizeMode], typer.Option(help="Resize mode recorded for clients: stretch or pad. "
+                                                              "Default: the training data's mode when its "
+                                                              "meta.json is still there, else stretch.",
+                                                         show_default=False)] = None,
+) -> None:
+    """Export the classifier with its Grad-CAM++ map and QRS as one ONNX graph, for ONNX Runtime on the line.
+
+    Input: uint8 images B x S x S x 3 (RGB, resized like the training data; normalisation inside). Outputs:
+    logits, p_defective, raw_map, map, normalized_map, qrs. The calibration, threshold and risk cuts go into
+    the model's metadata. The file is checked against PyTorch with ONNX Runtime before it is written.
+    """
+    from qrs.export import export_onnx, parse_batch
+
+    result = export_onnx(model, out, fmt=format, opset=opset, batch=parse_batch(batch), resize=resize)
+    typer.echo(result.headline())
 
 
 def _score_options(method: str, threshold: float, norm: str, aggregation: str, compat: bool) -> "ScoreOptions":
@@ -270,6 +298,8 @@ NormOpt = Annotated[Norm, typer.Option(help="dataset: divide by the calibration 
 AggregationOpt = Annotated[Aggregation, typer.Option(help="mass: mean of M over tau in the ROI; area: share of the "
                                                           "ROI over tau.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+BackendOpt = Annotated[BackendName, typer.Option(help="torch: a checkpoint run by PyTorch; onnx: a model from `qrs "
+                                                      "export` run by ONNX Runtime (same rows).")]
 
 
 @app.command()

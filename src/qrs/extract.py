@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from qrs.analysis import localisation, qrs_statistics
 from qrs.atomic import write_bytes, write_text, write_with
-from qrs.cam import METHODS, compute_cams
+from qrs.cam import METHODS, CamResult, compute_cams
 from qrs.choices import ANCHORS, SPLITS
 from qrs.data.dataset import PreparedDataset
 from qrs.data.split_dataset import SplitDataset
@@ -66,24 +66,35 @@ class ScoreOptions:
         return "image" if self.compat else self.norm
 
 
-def score_batch(model: nn.Module, images: Tensor, roi: Tensor | None, *, scale: float | None,
-                options: ScoreOptions) -> dict[str, Tensor]:
-    """The one scoring path (extract, ``qrs score`` and the service): uint8 B x 3 x S x S images ->
-    p_defective, prediction, raw maps, full-size maps, M and the section 4 outputs, from one forward pass.
+def model_cams(model: nn.Module, images: Tensor, options: ScoreOptions) -> CamResult:
+    """The forward pass of the scoring path: uint8 B x 3 x S x S images -> logits, raw and full-size maps."""
+    device = next(model.parameters()).device
+    return compute_cams(model, normalize(images.to(device), model.qrs_meta), method=options.method,
+                        compat=options.compat)
+
+
+def score_maps(cams: CamResult, roi: Tensor | None, *, scale: float | None, options: ScoreOptions) -> dict[str, Tensor]:
+    """What follows the forward pass: logits and maps -> p_defective, prediction, M and the section 4
+    outputs. Shared by every backend (PyTorch here, ONNX Runtime in :mod:`qrs.runtime`).
 
     ``qrs`` follows ``options.aggregation`` (mass or area).
     """
-    device = next(model.parameters()).device
-    cams = compute_cams(model, normalize(images.to(device), model.qrs_meta), method=options.method,
-                        compat=options.compat)
     p = torch.softmax(cams.logits.float(), dim=1)[:, 1]
     norm = options.effective_norm
-    roi = roi.to(device) if roi is not None else None
+    roi = roi.to(cams.maps.device) if roi is not None else None
     details = qrs_details(cams.maps, roi, scale=scale, threshold=options.threshold, norm=norm)
     if options.aggregation == "area":
         details["qrs"] = details["area"]
-    return {"p_defective": p, "prediction": (p > 0.5).long(), "raw": cams.raw, "maps": cams.maps,
-            "normalized": normalize_maps(cams.maps, norm=norm, scale=scale), **details}
+    return {"logits": cams.logits, "p_defective": p, "prediction": (p > 0.5).long(), "raw": cams.raw,
+            "maps": cams.maps, "normalized": normalize_maps(cams.maps, norm=norm, scale=scale), **details}
+
+
+def score_batch(model: nn.Module, images: Tensor, roi: Tensor | None, *, scale: float | None,
+                options: ScoreOptions) -> dict[str, Tensor]:
+    """The one scoring path (extract, ``qrs score``, the service and the exported ONNX graph): uint8
+    B x 3 x S x S images -> logits, p_defective, prediction, raw maps, full-size maps, M and the
+    section 4 outputs, from one forward pass."""
+    return score_maps(model_cams(model, images, options), roi, scale=scale, options=options)
 
 
 def _loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_workers: int) -> DataLoader:
@@ -125,7 +136,7 @@ def _peaks(model: nn.Module, dataset: Dataset, ctx: DistContext, options: ScoreO
     parts: dict[str, list[Tensor]] = {"index": [], "peak": []}
     for batch in tqdm(_loader(dataset, ctx, batch_size, num_workers), desc="calibrate", unit="batch",
                       disable=not (progress and ctx.is_main)):
-        cams = compute_cams(model, normalize(batch["image"].to(ctx.device), model.qrs_meta), method=options.method)
+        cams = model_cams(model, batch["image"], options)
         parts["index"].append(batch["index"])
         parts["peak"].append(cams.maps.amax(dim=(1, 2)).cpu())
     return _gather_rows(parts, ctx)["peak"]

@@ -2,8 +2,9 @@
 
 A raw image is resized exactly like the prepared data the model was trained on, and its ROI (given
 relative to the original image, like ``qrs prepare``'s) is rasterised on the same square. Batches go
-through :func:`qrs.extract.score_batch`, the one scoring path, so a part gets the same numbers here,
-in the HTTP service (which uses :class:`Scorer` too) and in ``qrs extract``.
+through the one scoring path of :func:`qrs.extract.score_batch` (the forward pass on the backend: PyTorch,
+or ONNX Runtime on a model from ``qrs export``, then :func:`qrs.extract.score_maps`), so a part gets the
+same numbers here, in the HTTP service (which uses :class:`Scorer` too) and in ``qrs extract``.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qrs import __version__
 from qrs.atomic import write_bytes, write_text
-from qrs.choices import OUTPUT_FORMATS, RESIZE_MODES
+from qrs.cam import CamResult
+from qrs.choices import BACKENDS, OUTPUT_FORMATS, RESIZE_MODES
 from qrs.data.regions import Region, RoiSpec, load_roi, rasterize, roi_regions, to_prepared
 from qrs.errors import QrsError
-from qrs.extract import ScoreOptions, calibration_source, score_batch
+from qrs.extract import ScoreOptions, calibration_source, model_cams, score_maps
 from qrs.files import (
     Entries, file_problem, ignored_dirs_note, is_image_file, list_entries, name_problem, printable, shorten,
 )
@@ -83,39 +85,87 @@ class Scored:
     overlay_png: bytes | None = None
 
 
-class Scorer:
-    """A loaded checkpoint with everything needed to score raw images the way it was calibrated.
+class Backend(Protocol):
+    """What runs the forward pass of a :class:`Scorer`: PyTorch on a checkpoint (:class:`TorchBackend`) or
+    ONNX Runtime on an exported model (:class:`qrs.runtime.OnnxBackend`)."""
 
-    A calibrated checkpoint scores with its calibration's method, threshold, norm, aggregation,
-    scale and risk cuts. An uncalibrated one falls back to norm=image (``note`` says so) and has no
-    risk levels.
+    name: str
+    meta: dict[str, Any]
+    resize: str
+    """The resize mode of the training data (the default of ``--resize``)."""
+
+    def cams(self, images: Tensor, options: ScoreOptions) -> CamResult:
+        """uint8 B x 3 x S x S images -> logits, raw and full-size maps."""
+        ...
+
+
+class TorchBackend:
+    """A loaded checkpoint, run by PyTorch through :func:`qrs.extract.model_cams`."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.meta: dict[str, Any] = model.qrs_meta
+        self.resize = training_resize(self.meta)
+
+    def cams(self, images: Tensor, options: ScoreOptions) -> CamResult:
+        return model_cams(self.model, images, options)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a model's checkpoint says to score: options, calibration scale, risk cuts and a note."""
+
+    options: ScoreOptions
+    scale: float | None
+    cuts: tuple[float, float] | None
+    note: str
+
+
+def scoring(meta: dict[str, Any]) -> Scoring:
+    """A calibrated checkpoint scores with its calibration's method, threshold, norm, aggregation, scale
+    and risk cuts; an uncalibrated one with norm=image, no risk levels, and a note that says so."""
+    calibration = meta.get("calibration")
+    if not calibration:
+        return Scoring(ScoreOptions(norm="image"), None, None, UNCALIBRATED_NOTE)
+    options = ScoreOptions(method=calibration["method"], threshold=calibration["threshold"],
+                           norm=calibration["norm"], aggregation=calibration["aggregation"])
+    cuts = calibration.get("risk_cuts")
+    note = "" if cuts else str(calibration.get("risk_note") or "no risk cuts: no risk levels")
+    return Scoring(options, float(calibration["scale"]), (float(cuts["low"]), float(cuts["high"])) if cuts else None,
+                   note)
+
+
+class Scorer:
+    """A model with everything needed to score raw images the way it was calibrated (see :func:`scoring`),
+    on either backend: the same rows from a checkpoint and from its exported ONNX model.
     """
 
-    def __init__(self, model: nn.Module, *, resize: str | None = None) -> None:
-        meta = model.qrs_meta
+    def __init__(self, model: nn.Module | Backend, *, resize: str | None = None) -> None:
         if resize is not None and resize not in RESIZE_MODES:
             raise QrsError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-        self.model = model
-        self.meta = meta
-        self.side = int(meta["img_size"])
-        self.resize = resize or training_resize(meta)
-        calibration = meta.get("calibration")
-        if calibration:
-            self.options = ScoreOptions(method=calibration["method"], threshold=calibration["threshold"],
-                                        norm=calibration["norm"], aggregation=calibration["aggregation"])
-            self.scale: float | None = float(calibration["scale"])
-            cuts = calibration.get("risk_cuts")
-            self.cuts = (float(cuts["low"]), float(cuts["high"])) if cuts else None
-            self.note = "" if cuts else str(calibration.get("risk_note") or "no risk cuts: no risk levels")
-        else:
-            self.options = ScoreOptions(norm="image")
-            self.scale = None
-            self.cuts = None
-            self.note = UNCALIBRATED_NOTE
+        self.backend: Backend = TorchBackend(model) if isinstance(model, nn.Module) else model
+        self.meta = self.backend.meta
+        self.side = int(self.meta["img_size"])
+        self.resize = resize or self.backend.resize
+        how = scoring(self.meta)
+        self.options, self.scale, self.cuts, self.note = how.options, how.scale, how.cuts, how.note
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str = "auto", resize: str | None = None) -> "Scorer":
-        """Load a checkpoint onto ``device`` (auto, cpu, cuda or mps)."""
+    def load(cls, path: str | os.PathLike[str], *, device: str = "auto", resize: str | None = None,
+             backend: str = "torch") -> "Scorer":
+        """Load a checkpoint (backend ``torch``) or a model from ``qrs export`` (``onnx``) onto ``device``
+        (auto, cpu, cuda or mps)."""
+        if backend == "onnx":
+            from qrs.runtime import OnnxBackend
+
+            return cls(OnnxBackend.load(path, device=device), resize=resize)
+        if backend != "torch":
+            raise QrsError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if Path(path).suffix == ".onnx":
+            raise QrsError(f"{path} is an ONNX model: score it with --backend onnx (the torch backend reads "
+                           "checkpoints)")
         return cls(load_checkpoint(path, device=resolve_device(device)), resize=resize)
 
     def info(self) -> dict[str, Any]:
@@ -136,6 +186,7 @@ class Scorer:
             "calibration": calibration_source(calibration) if calibration else None,
             "risk_cuts": {"low": self.cuts[0], "high": self.cuts[1]} if self.cuts else None,
             "note": self.note,
+            "backend": self.backend.name,
             "qrs_version": __version__,
             "checkpoint_qrs_version": self.meta.get("qrs_version"),
         }
@@ -161,7 +212,8 @@ class Scorer:
         """Score prepared images as one batch, with an overlay for those prepared with ``overlay=True``."""
         images = torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2)
         roi = torch.from_numpy(np.stack([it.roi for it in items]))
-        scored = score_batch(self.model, images, roi, scale=self.scale, options=self.options)
+        cams = self.backend.cams(images, self.options)
+        scored = score_maps(cams, roi, scale=self.scale, options=self.options)
         out = {k: scored[k].cpu() for k in ("prediction", "p_defective", "qrs", "area", "mean_over", "max_over", "peak",
                                             "n_over", "normalized")}
         levels = risk_level(out["qrs"], self.cuts) if self.cuts else None
@@ -267,9 +319,10 @@ def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
 
 def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.PathLike[str], *,
                 out: str | os.PathLike[str] = ".", fmt: str = "jsonl", roi: str = "full", overlay: bool = False,
-                batch_size: int = 16, device: str = "auto", resize: str | None = None,
+                batch_size: int = 16, device: str = "auto", resize: str | None = None, backend: str = "torch",
                 progress: bool = True) -> ScoreFilesResult:
-    """Score image files and directories; write ``OUT/scores.<fmt>`` (and ``OUT/overlays/*.png``).
+    """Score image files and directories with a checkpoint (``backend="torch"``) or a model from ``qrs export``
+    (``"onnx"``); write ``OUT/scores.<fmt>`` (and ``OUT/overlays/*.png``).
 
     An unreadable file gets a row with its error and the others are still scored; the caller
     decides what the errors mean (the CLI exits with 1). Special files are never opened and a file
@@ -283,7 +336,7 @@ def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.P
     collected = collect_images(inputs)
     files = collected.files
     roi_spec = load_roi(roi)
-    scorer = Scorer.load(model_path, device=device, resize=resize)
+    scorer = Scorer.load(model_path, device=device, resize=resize, backend=backend)
     out = Path(out)
     overlay_paths = _overlay_paths(files, out / "overlays") if overlay else []
     rows: list[dict[str, Any]] = [{} for _ in files]

@@ -37,6 +37,7 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qrs import __version__
+from qrs.choices import BackendName
 from qrs.errors import QrsError
 from qrs.images import open_rgb
 from qrs.data.regions import RoiSpec, parse_roi
@@ -108,6 +109,8 @@ class ModelInfo(BaseModel):
     calibration: Optional[CalibrationInfo] = None
     risk_cuts: Optional[RiskCuts] = None
     note: str = Field(description="Why QRS is not comparable across images or levels are missing, if so.")
+    backend: BackendName = Field(description="What runs the model: torch (a checkpoint, PyTorch) or "
+                                                          "onnx (a model from qrs export, ONNX Runtime).")
     qrs_version: str
     checkpoint_qrs_version: Optional[str] = None
 
@@ -252,11 +255,12 @@ class Batcher(Generic[T, R]):
 class Service:
     """The model (loaded in a thread, so the health routes answer meanwhile) and its batcher."""
 
-    def __init__(self, model: Scorer | str | os.PathLike[str], *, device: str, resize: str | None,
+    def __init__(self, model: Scorer | str | os.PathLike[str], *, device: str, resize: str | None, backend: str,
                  max_batch: int, max_wait_s: float) -> None:
         self._model = model
         self._device = device
         self._resize = resize
+        self._backend = backend
         self._loading: asyncio.Task[Scorer] | None = None
         self.batcher: Batcher[Prepared, Scored] = Batcher(self._score, max_batch=max_batch, max_wait_s=max_wait_s)
         self._batching: asyncio.Task[None] | None = None
@@ -264,7 +268,9 @@ class Service:
 
     def _load(self) -> Scorer:
         model = self._model
-        return model if isinstance(model, Scorer) else Scorer.load(model, device=self._device, resize=self._resize)
+        if isinstance(model, Scorer):
+            return model
+        return Scorer.load(model, device=self._device, resize=self._resize, backend=self._backend)
 
     def _score(self, items: list[Prepared]) -> list[Scored]:
         assert self.scorer is not None
@@ -386,8 +392,9 @@ def _result(scored: Scored) -> dict[str, Any]:
 
 def create_app(model: Scorer | str | os.PathLike[str], *, api_key: str | None = None, max_upload_mb: float = 20,
                max_batch: int = 16, max_wait_ms: float = 5, max_files: int = 64, device: str = "auto",
-               resize: str | None = None) -> FastAPI:
-    """The service's ASGI app for a checkpoint path (loaded when the app starts) or a loaded Scorer.
+               resize: str | None = None, backend: str = "torch") -> FastAPI:
+    """The service's ASGI app for a model path (a checkpoint, or with ``backend="onnx"`` a model from
+    ``qrs export``; loaded when the app starts) or a loaded Scorer.
 
     With ``api_key`` every ``/v1`` route needs ``Authorization: Bearer <api_key>``; ``/``,
     ``/healthz``, ``/readyz`` and the OpenAPI routes stay open.
@@ -400,7 +407,8 @@ def create_app(model: Scorer | str | os.PathLike[str], *, api_key: str | None = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = Service(model, device=device, resize=resize, max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
+        service = Service(model, device=device, resize=resize, backend=backend, max_batch=max_batch,
+                          max_wait_s=max_wait_ms / 1000)
         await service.start()
         app.state.service = service
         try:
@@ -497,9 +505,9 @@ def serve_in_background(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0,
 
 def run(model_path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         max_upload_mb: float = 20, max_batch: int = 16, max_wait_ms: float = 5, device: str = "auto",
-        resize: str | None = None) -> None:
-    """``qrs serve``: load the checkpoint (a bad one stops here, before binding), then serve."""
-    scorer = Scorer.load(model_path, device=device, resize=resize)
+        resize: str | None = None, backend: str = "torch") -> None:
+    """``qrs serve``: load the model (a bad one stops here, before binding), then serve."""
+    scorer = Scorer.load(model_path, device=device, resize=resize, backend=backend)
     app = create_app(scorer, api_key=api_key, max_upload_mb=max_upload_mb, max_batch=max_batch,
                      max_wait_ms=max_wait_ms)
     if scorer.note:
