@@ -15,7 +15,6 @@ from torch import Tensor
 from qrs.choices import AGGREGATIONS, NORMS
 
 
-
 def normalize_maps(maps: Tensor, *, norm: str = "dataset", scale: float | None = None) -> Tensor:
     """M from raw maps C (B x H x W).
 
@@ -49,21 +48,47 @@ def _roi_mask(maps: Tensor, roi: Tensor | None) -> Tensor:
     return roi.to(maps.device).expand(maps.shape)
 
 
-def _over_threshold(
-    maps: Tensor, roi: Tensor | None, scale: float | None, threshold: float, norm: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(M, R & {M >= tau}, |R| as float): the shared core of every QRS output."""
+def _check_threshold(threshold: float) -> None:
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+
+
+def _normalized_region(maps: Tensor, roi: Tensor | None, scale: float | None, norm: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(M, R, |R| as float): the shared core of every QRS output."""
     m = normalize_maps(maps, norm=norm, scale=scale)
     region = _roi_mask(maps, roi)
-    over = region & (m >= threshold)
-    return m, over, region.sum(dim=(1, 2)).to(m.dtype)
+    return m, region, region.sum(dim=(1, 2)).to(m.dtype)
 
 
 def _share(total: Tensor, count: Tensor) -> Tensor:
     """total / count per image, 0 where count is 0 (an empty ROI, or no pixel over tau)."""
     return torch.where(count > 0, total / count.clamp(min=1), 0)
+
+
+def quality_risk_scores(
+    maps: Tensor,
+    roi: Tensor | None,
+    *,
+    thresholds: Sequence[float],
+    scale: float | None = None,
+    norm: str = "dataset",
+    aggregation: str = "mass",
+) -> Tensor:
+    """QRS per image at each threshold (B x T), from one normalisation of the maps: the threshold
+    sweep. Column t equals ``quality_risk_score`` at ``thresholds[t]``."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if not thresholds:
+        raise ValueError("thresholds must name at least one threshold")
+    for threshold in thresholds:
+        _check_threshold(threshold)
+    m, region, n_roi = _normalized_region(maps, roi, scale, norm)
+    columns = []
+    for threshold in thresholds:
+        over = region & (m >= threshold)
+        total = (m * over).sum(dim=(1, 2)) if aggregation == "mass" else over.sum(dim=(1, 2)).to(m.dtype)
+        columns.append(_share(total, n_roi))
+    return torch.stack(columns, dim=1)
 
 
 def quality_risk_score(
@@ -81,11 +106,8 @@ def quality_risk_score(
     An image whose ROI is empty gets 0 (no part, no evidence) rather than an error, so one bad ROI
     does not stop a batch.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
-    m, over, n_roi = _over_threshold(maps, roi, scale, threshold, norm)
-    total = (m * over).sum(dim=(1, 2)) if aggregation == "mass" else over.sum(dim=(1, 2)).to(m.dtype)
-    return _share(total, n_roi)
+    return quality_risk_scores(maps, roi, thresholds=[threshold], scale=scale, norm=norm,
+                               aggregation=aggregation)[:, 0]
 
 
 def qrs_details(
@@ -101,7 +123,9 @@ def qrs_details(
     qrs (mass aggregation), area (share of R over tau), n_over (int64 count of R pixels over tau),
     mean_over and max_over (of M over tau inside R, 0 when none), peak (max of the raw map).
     """
-    m, over, n_roi = _over_threshold(maps, roi, scale, threshold, norm)
+    _check_threshold(threshold)
+    m, region, n_roi = _normalized_region(maps, roi, scale, norm)
+    over = region & (m >= threshold)
     n_over = over.sum(dim=(1, 2))
     mass = (m * over).sum(dim=(1, 2))
     return {
@@ -132,8 +156,7 @@ def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", 
     q = DEFAULT_QUANTILE[anchor] if quantile is None else float(quantile)
     if not 0 < q <= 1:
         raise ValueError(f"the calibration quantile must be in (0, 1], got {q:g}")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    _check_threshold(threshold)
     values = torch.as_tensor(peaks, dtype=torch.float64).flatten()
     if values.numel() == 0:
         raise ValueError(f"calibration needs the map peaks of at least one {anchor} part")
