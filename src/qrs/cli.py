@@ -164,6 +164,11 @@ def train(
                    f"{result.best_loss_path}, {result.best_acc_path}, {result.last_path}")
 
 
+NResamplesOpt = Annotated[int, typer.Option("--n-resamples", help="Bootstrap resamples of the 95% confidence "
+                                                                    "intervals (stratified by class, seeded); 0: no "
+                                                                    "intervals.")]
+
+
 @app.command()
 def evaluate(
     data_root: Annotated[Path, typer.Option("--data_root", "--data-root", help="Prepared dataset.")],
@@ -173,12 +178,16 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
+    n_resamples: NResamplesOpt = 1000,
 ) -> None:
-    """F1 (the paper's table), precision, recall, accuracy, AP, AUROC and confusion per checkpoint."""
+    """F1 (the paper's table), precision, recall, accuracy, AP, AUROC and confusion per checkpoint.
+
+    F1, precision, recall, AP and AUROC come with 95% stratified bootstrap intervals: 0.964 [0.941, 0.982].
+    """
     from qrs.evaluate import evaluate as run_evaluate, format_table
 
     results = run_evaluate(data_root, list(model), split=split, out=out, batch_size=batch_size, device=device,
-                           num_workers=num_workers)
+                           num_workers=num_workers, n_resamples=n_resamples)
     typer.echo(format_table(results))
     if out:
         typer.echo(f"wrote {out}")
