@@ -3,6 +3,9 @@ answer is known (the defect alone decides), the summary by hand, and ``qrs analy
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +16,12 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from scipy import stats
 from torch import Tensor, nn
 
+from qrs.errors import QrsError
+from qrs.extract import extract
 from qrs.faithfulness import (deletion_drops, deletion_summary, noisy_linear_impute, relevance_order,
                               removal_masks)
-from qrs.model import base_meta, build_model, normalize
+from qrs.model import base_meta, build_model, normalize, save_checkpoint
+from qrs.report import analyze
 
 SIDE = 32
 
@@ -171,3 +177,28 @@ def test_summary_areas_and_test_by_hand() -> None:
     assert s["fractions"] == [0.05, 0.1, 0.2, 0.5] and s["defective"]["n"] == 3
     with pytest.raises(ValueError, match=r"deletion fractions must be in \(0, 1\), got \[0.5, 1.0\]"):
         deletion_summary(morf, lerf, np.ones(3), fractions=[0.5, 1.0])
+
+
+def test_analyze_faithfulness_writes_curves_plot_and_verdicts(prepared_small: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = tmp_path / "m.pt"
+    save_checkpoint(model, build_model("resnet18"), base_meta("resnet18", SIDE))
+    extract(prepared_small, model, modes=["test"], out_dir=tmp_path / "x", device="cpu", progress=False)
+    result = analyze(tmp_path / "x", faithfulness=True, fractions=(0.1, 0.5), device="cpu", progress=False,
+                     n_resamples=50)
+    faith = json.loads((tmp_path / "x" / "analysis" / "stats.json").read_text())["modes"]["test"]["faithfulness"]
+    rows = result.stats["modes"]["test"]
+    assert faith["fractions"] == [0.1, 0.5]
+    assert faith["defective"]["n"] == rows["qrs"]["n_defective"] and faith["good"]["n"] == rows["qrs"]["n_good"]
+    assert len(faith["defective"]["morf_mean_drop"]) == 2
+    assert (tmp_path / "x" / "analysis" / "deletion_test.png").stat().st_size > 1000
+    html = result.report.read_text()
+    assert "Does the model use what the map shows? Deletion test (test)" in html
+    assert faith["defective"]["verdict"] in html and faith["good"]["verdict"] in html
+    assert "deletion test: " + faith["defective"]["verdict"] in result.headline()
+    with pytest.raises(QrsError, match=r"--faithfulness-split train: .* has no extract of that split \(it has test\)"):
+        analyze(tmp_path / "x", faithfulness=True, faithfulness_split="train")
+    model.unlink()
+    with pytest.raises(QrsError, match=f"the deletion test runs the model of the extract, {model}, which does not "
+                                       "exist"):
+        analyze(tmp_path / "x", faithfulness=True, device="cpu")
