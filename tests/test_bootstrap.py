@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from qrs.bootstrap import (CLASSIFICATION_METRICS, BootstrapOptions, classification_intervals,
+from qrs.bootstrap import (CLASSIFICATION_METRICS, BootstrapOptions, auroc_statistic, classification_intervals,
                            classification_statistic, qrs_intervals, qrs_statistic, stratified_intervals,
                            with_interval)
 
@@ -65,6 +65,17 @@ def test_point_statistics_equal_scikit_learn() -> None:
                                                                  np.mean(qrs[labels == 0] == 0)], abs=1e-12)
     nothing_predicted = np.zeros_like(p)
     assert classification_statistic(labels, nothing_predicted)(good, bad)[:3, 0].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_counted_auroc_equals_scikit_learn_on_resamples_with_ties() -> None:
+    labels, _, qrs = _parts(3)
+    rng = np.random.default_rng(7)
+    good = rng.choice(np.flatnonzero(labels == 0), (50, 60))
+    bad = rng.choice(np.flatnonzero(labels == 1), (50, 20))
+    got = auroc_statistic(qrs)(good, bad)
+    expected = [roc_auc_score(np.r_[np.zeros(60), np.ones(20)], qrs[np.r_[g, b]]) for g, b in zip(good, bad)]
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert (qrs[labels == 0] == 0).sum() > 10  # many ties at 0, counted as halves
 
 
 def test_every_resample_keeps_the_class_counts() -> None:

@@ -74,21 +74,35 @@ def quality_risk_scores(
     norm: str = "dataset",
     aggregation: str = "mass",
 ) -> Tensor:
-    """QRS per image at each threshold (B x T), from one normalisation of the maps: the threshold
-    sweep. Column t equals ``quality_risk_score`` at ``thresholds[t]``."""
+    """QRS per image at each threshold (B x T), from one pass over the maps: the threshold sweep.
+
+    Column t equals ``quality_risk_score`` at ``thresholds[t]`` up to rounding (sums in float64):
+    each pixel of R is put in the bucket of the thresholds it reaches (pixels outside R are set to
+    0, below every tau > 0), the buckets are summed per image, and the sum over tau_t is the sum
+    of the buckets at and above it. One pass instead of one per threshold.
+    """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
     if not thresholds:
         raise ValueError("thresholds must name at least one threshold")
     for threshold in thresholds:
         _check_threshold(threshold)
-    m, region, n_roi = _normalized_region(maps, roi, scale, norm)
-    columns = []
-    for threshold in thresholds:
-        over = region & (m >= threshold)
-        total = (m * over).sum(dim=(1, 2)) if aggregation == "mass" else over.sum(dim=(1, 2)).to(m.dtype)
-        columns.append(_share(total, n_roi))
-    return torch.stack(columns, dim=1)
+    m = normalize_maps(maps, norm=norm, scale=scale)
+    b = m.shape[0]
+    if roi is None:
+        values, n_roi = m.reshape(b, -1), torch.full((b,), float(m[0].numel()), dtype=torch.float64)
+    else:
+        region = _roi_mask(maps, roi)
+        values = torch.where(region, m, 0).reshape(b, -1)
+        n_roi = region.sum(dim=(1, 2)).to(torch.float64)
+    levels, order = torch.sort(torch.tensor([float(t) for t in thresholds], dtype=m.dtype, device=m.device))
+    bucket = torch.bucketize(values, levels, right=True)
+    weights = values.to(torch.float64) if aggregation == "mass" else torch.ones_like(values, dtype=torch.float64)
+    sums = torch.zeros(b, len(levels) + 1, dtype=torch.float64, device=m.device).scatter_add_(1, bucket, weights)
+    at_or_above = sums.flip(1).cumsum(1).flip(1)[:, 1:]
+    out = torch.empty_like(at_or_above)
+    out[:, order] = at_or_above
+    return _share(out, n_roi[:, None].to(m.device)).to(m.dtype)
 
 
 def quality_risk_score(
@@ -106,8 +120,13 @@ def quality_risk_score(
     An image whose ROI is empty gets 0 (no part, no evidence) rather than an error, so one bad ROI
     does not stop a batch.
     """
-    return quality_risk_scores(maps, roi, thresholds=[threshold], scale=scale, norm=norm,
-                               aggregation=aggregation)[:, 0]
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    _check_threshold(threshold)
+    m, region, n_roi = _normalized_region(maps, roi, scale, norm)
+    over = region & (m >= threshold)
+    total = (m * over).sum(dim=(1, 2)) if aggregation == "mass" else over.sum(dim=(1, 2)).to(m.dtype)
+    return _share(total, n_roi)
 
 
 def qrs_details(
