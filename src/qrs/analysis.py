@@ -108,14 +108,14 @@ def threshold_sweep(qrs: np.ndarray, labels: np.ndarray, thresholds: list[float]
     return rows
 
 
-def _save_figure(fig: Any, out_base: str | os.PathLike[str]) -> list[Path]:
-    """Write a matplotlib figure as ``out_base``.png and .svg (atomically) and close it."""
+def _save_figure(fig: Any, out_base: str | os.PathLike[str], formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write a matplotlib figure as ``out_base``.png and .svg (or ``formats``), atomically, and close it."""
     import matplotlib.pyplot as plt
 
     from qrs.atomic import write_with
 
     paths = []
-    for ext in ("png", "svg"):
+    for ext in formats:
         path = Path(f"{out_base}.{ext}")
         write_with(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext))
         paths.append(path)
@@ -158,7 +158,7 @@ def distribution_plot(qrs: np.ndarray, labels: np.ndarray, arch: str, out_base: 
 def sweep_plot(sweep: list[dict[str, Any]], chosen: float, out_base: str | os.PathLike[str], *,
                title: str = "") -> list[Path]:
     """QRS AUROC and the share of good parts at 0 (left), Mann-Whitney p on a log scale (right)
-    against tau, the chosen tau marked."""
+    against tau, the chosen tau marked; PNG only (the report's figure, kept cheap)."""
     plt = _pyplot()
     taus = [r["threshold"] for r in sweep]
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.6), dpi=110)
@@ -175,7 +175,7 @@ def sweep_plot(sweep: list[dict[str, Any]], chosen: float, out_base: str | os.Pa
         ax.set_xlabel(f"threshold tau (chosen: {chosen:g}, dashed)")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save_figure(fig, out_base)
+    return _save_figure(fig, out_base, ("png",))
 
 
 def deletion_plot(summary: dict[str, Any], out_base: str | os.PathLike[str], *, title: str = "") -> list[Path]:

@@ -70,9 +70,11 @@ class AnalyzeResult:
         """The F1 table (when metrics were given) and the p-values, as a few lines of text."""
         lines = []
         if self.metrics:
-            lines.append("checkpoint              F1      AP      AUROC")
+            lines.append(f"{'checkpoint':<22} {'F1':<20}  {'AP':<20}  AUROC")
             for name, m in self.metrics.items():
-                lines.append(f"{name:<22} {m['f1']:.4f}  {_fmt(m.get('ap'))}  {_fmt(m.get('auroc'))}")
+                ci = m.get("ci") or {}
+                lines.append(f"{name:<22} " + "  ".join(f"{with_interval(m.get(k), ci.get(k)):<20}"
+                                                        for k in ("f1", "ap", "auroc")).rstrip())
         for mode, st in self.stats["modes"].items():
             q = st["qrs"]
             lines.append(f"{mode}: QRS Mann-Whitney p = {_fmt_p(q['mann_whitney_p'])}, Welch p = {_fmt_p(q['welch_p'])}, "
@@ -137,9 +139,11 @@ def sweep_qrs(mo: ModeOutputs, thresholds: list[float]) -> np.ndarray:
     if norm == "dataset":
         peaks = raw.amax(dim=(1, 2)) / scale
         active = active[peaks >= min(thresholds) * (1 - 1e-6)]
+    full = np.packbits(np.ones((1, side * side), dtype=bool), axis=1)
     for idx in active.split(SWEEP_BATCH):
         maps = maps_from_raw(raw[idx], (side, side), compat=score.compat)
-        roi = unpack_roi(mo.roi_bits[idx.numpy()], side)
+        bits = mo.roi_bits[idx.numpy()]
+        roi = None if (bits == full).all() else unpack_roi(bits, side)
         out[idx.numpy()] = quality_risk_scores(maps, roi, thresholds=thresholds, scale=scale, norm=norm,
                                                aggregation=score.aggregation).numpy()
     return out
