@@ -181,7 +181,7 @@ def _faithfulness(mo: ModeOutputs, out: Path, fractions: tuple[float, ...], devi
     model = load_checkpoint(model_path, device=resolve_device(device))
     morf, lerf = deletion_drops(model, split, torch.from_numpy(mo.raw_maps), mo.rows["p_defective"].to_numpy(),
                                 fractions=fractions, batch_size=batch_size, num_workers=num_workers,
-                                progress=progress, desc=f"deletion test {mo.mode}")
+                                progress=progress, desc=f"deletion test ({mo.mode} split)")
     summary = deletion_summary(morf, lerf, mo.rows["label"].to_numpy(), fractions)
     plots = deletion_plot(summary, out / f"deletion_{mo.mode}",
                           title=f"{mo.mode} split: deletion test (ROAD, noisy linear imputation)")
