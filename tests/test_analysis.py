@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -14,11 +15,13 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from qrs.analysis import localisation, qrs_statistics
+from qrs.analysis import localisation, qrs_statistics, threshold_sweep
+from qrs.data.preparation import prepare
+from qrs.bootstrap import BootstrapOptions, qrs_intervals, with_interval
 from qrs.errors import QrsError
-from qrs.extract import extract
+from qrs.extract import ScoreOptions, calibrate, extract
 from qrs.model import base_meta, build_model, read_checkpoint, save_checkpoint
-from qrs.report import analyze, per_defect_type
+from qrs.report import analyze, load_mode, per_defect_type, sweep_qrs
 
 
 def test_statistics_equal_scipy_computed_independently() -> None:
@@ -102,3 +105,121 @@ def test_analyze_writes_stats_plots_and_a_self_contained_report(prepared_small: 
 def test_analyze_without_extract_outputs(tmp_path: Path) -> None:
     with pytest.raises(QrsError, match="no `qrs extract` outputs"):
         analyze(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def prepared_64(ksdd2_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ksdd2_raw`` at 64 px: resnet18's maps are 2 x 2 there, so they vary over the image (1 x 1 at 32 px)."""
+    out = tmp_path_factory.mktemp("prepared") / "p64"
+    prepare("ksdd2", ksdd2_raw, out, img_size=64, progress=False)
+    return out
+
+
+@pytest.fixture()
+def left_half(prepared_64: Path, tmp_path: Path) -> Path:
+    """A random resnet18 for 64 px (returned), calibrated on the median good peak so that about half
+    the parts score above 0, and tmp_path/left.pkl setting the ROI to the left half."""
+    torch.manual_seed(0)
+    model = tmp_path / "m.pt"
+    save_checkpoint(model, build_model("resnet18"), base_meta("resnet18", 64))
+    calibrate(model, prepared_64, quantile=0.5, device="cpu", progress=False)
+    coords = pickle.loads((prepared_64 / "coords.pkl").read_bytes())
+    left = {k: {"roi": [[0.0, 0.0, 0.5, 1.0]], "defects": v["defects"]} for k, v in coords.items()}
+    (tmp_path / "left.pkl").write_bytes(pickle.dumps(left))
+    return model
+
+
+@pytest.mark.parametrize("options", [ScoreOptions(), ScoreOptions(norm="image", aggregation="area", threshold=0.7),
+                                     ScoreOptions(compat=True, threshold=0.6)], ids=["dataset", "image-area", "compat"])
+def test_sweep_from_the_npz_gives_back_the_extract_qrs(prepared_64: Path, tmp_path: Path,
+                                                       left_half: Path,
+                                                       options: ScoreOptions) -> None:
+    model = left_half
+    extract(prepared_64, model, modes=["test"], coords_path=tmp_path / "left.pkl", out_dir=tmp_path / "x",
+            options=options, device="cpu", progress=False)
+    mo = load_mode(tmp_path / "x", "gradcam_weights", "test")
+    got = sweep_qrs(mo, [0.5, options.threshold, 0.95])
+    assert np.abs(got[:, 1] - mo.rows["qrs"].to_numpy()).max() < 1e-6
+    assert (mo.rows["qrs"] > 0).any()
+
+
+def test_sweep_equals_a_numpy_computation_at_every_threshold(prepared_64: Path, tmp_path: Path,
+                                                             left_half: Path) -> None:
+    model = left_half
+    extract(prepared_64, model, modes=["test"], coords_path=tmp_path / "left.pkl", out_dir=tmp_path / "x",
+            device="cpu", progress=False)
+    mo = load_mode(tmp_path / "x", "gradcam_weights", "test")
+    scale = mo.options["scale"]
+    maps = torch.nn.functional.interpolate(torch.from_numpy(mo.raw_maps)[:, None], size=(64, 64), mode="bilinear",
+                                           align_corners=False)[:, 0].numpy()
+    m = np.clip(maps / scale, 0, 1)
+    taus = [0.8, 0.9, 1.0]
+    pruned = mo.raw_maps.max(axis=(1, 2)) / scale < 0.8
+    assert pruned.any() and (~pruned).any()  # both paths of sweep_qrs are taken
+    expected = np.stack([np.where((m >= t) & (np.arange(64) < 32), m, 0).sum(axis=(1, 2)) / (32 * 64) for t in taus],
+                        axis=1)
+    got = sweep_qrs(mo, taus)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert (got[~pruned] > 0).any()
+    rows = threshold_sweep(got, mo.rows["label"].to_numpy(), taus)
+    labels = mo.rows["label"].to_numpy()
+    assert [r["threshold"] for r in rows] == taus
+    assert rows[0]["auroc"] == pytest.approx(roc_auc_score(labels, got[:, 0]))
+    assert rows[2]["mann_whitney_p"] == pytest.approx(
+        stats.mannwhitneyu(got[labels == 1, 2], got[labels == 0, 2], alternative="two-sided").pvalue)
+    assert rows[1]["zero_share_good"] == pytest.approx(np.mean(got[labels == 0, 1] == 0))
+
+
+def test_report_says_how_sure_the_numbers_are(prepared_64: Path, tmp_path: Path,
+                                             left_half: Path) -> None:
+    model = left_half
+    extract(prepared_64, model, modes=["train", "test"], coords_path=tmp_path / "left.pkl", out_dir=tmp_path / "x",
+            device="cpu", progress=False)
+    metrics = {"m.pt": {"f1": 0.5, "precision": 0.4, "recall": 0.6, "accuracy": 0.7, "ap": 0.5, "auroc": 0.6,
+                        "confusion_matrix": [[1, 2], [3, 4]], "ci": {"f1": [0.41, 0.62], "precision": [0.3, 0.5],
+                                                                     "recall": [0.5, 0.7], "ap": [0.4, 0.6],
+                                                                     "auroc": [0.5, 0.7]}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    result = analyze(tmp_path / "x", metrics=tmp_path / "metrics.json", n_resamples=200)
+    saved = json.loads((tmp_path / "x" / "analysis" / "stats.json").read_text())
+    assert saved["ci_options"] == {"n_resamples": 200, "confidence": 0.95, "seed": 0, "method": "percentile",
+                                   "stratified": True}
+    html = result.report.read_text()
+    assert "<h2>How sure are these numbers</h2>" in html and "0.500 [0.410, 0.620]" in html
+    for mode in ("train", "test"):
+        st = saved["modes"][mode]
+        rows = pd.read_csv(tmp_path / "x" / f"gradcam_weights_{mode}.csv", dtype={"id": str})
+        expected = qrs_intervals(rows["label"].to_numpy(), rows["qrs"].to_numpy(), BootstrapOptions(n_resamples=200))
+        assert st["qrs_ci"] == expected
+        assert with_interval(st["qrs"]["auroc"], st["qrs_ci"]["auroc"]) in html
+        sweep = st["threshold_sweep"]
+        assert [r["threshold"] for r in sweep["rows"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95] and sweep["chosen"] == 0.9
+        at_tau = next(r for r in sweep["rows"] if r["threshold"] == 0.9)
+        assert at_tau["auroc"] == pytest.approx(st["qrs"]["auroc"])
+        assert at_tau["mann_whitney_p"] == pytest.approx(st["qrs"]["mann_whitney_p"])
+        assert sweep["note"].startswith("QRS recomputed at each tau from the stored raw maps and ROI with the "
+                                        f"calibration scale held fixed (s = {sweep['scale']:.6g})")
+        assert f"<h3>Threshold sweep ({mode})</h3>" in html
+        assert (tmp_path / "x" / "analysis" / f"threshold_sweep_{mode}.png").stat().st_size > 1000
+    assert html.count("<b>0.9 (chosen)</b>") == 2
+    assert f"QRS AUROC = {with_interval(saved['modes']['test']['qrs']['auroc'], saved['modes']['test']['qrs_ci']['auroc'])}" \
+        in result.headline()
+
+
+def test_without_resamples_sweep_or_stored_roi(prepared_64: Path, tmp_path: Path,
+                                               left_half: Path) -> None:
+    model = left_half
+    extract(prepared_64, model, modes=["test"], out_dir=tmp_path / "x", device="cpu", progress=False)
+    plain = analyze(tmp_path / "x", n_resamples=0, sweep=False)
+    assert plain.stats["modes"]["test"]["qrs_ci"] == {"auroc": None, "zero_share_good": None}
+    assert "threshold_sweep" not in plain.stats["modes"]["test"]
+    assert "No confidence intervals (<code>--n-resamples 0</code>)" in plain.report.read_text()
+    npz_path = tmp_path / "x" / "gradcam_weights_test.npz"
+    with np.load(npz_path) as npz:
+        old = {k: npz[k] for k in npz.files if k != "roi_bits"}
+    np.savez_compressed(npz_path, **old)
+    sweep = analyze(tmp_path / "x", n_resamples=0).stats["modes"]["test"]["threshold_sweep"]
+    assert sweep == {"rows": [], "note": "gradcam_weights_test.npz has no ROI masks (written before `qrs extract` "
+                                         "stored them): re-run `qrs extract` for the threshold sweep"}
+    with pytest.raises(QrsError, match="--n-resamples must be >= 0, got -5"):
+        analyze(tmp_path / "x", n_resamples=-5)

@@ -12,7 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
-from qrs.cam import METHODS, CamResult, compute_cams, gap_linear
+from qrs.cam import METHODS, CamResult, compute_cams, gap_linear, maps_from_raw
 from qrs.model import build_model
 
 GRAD_CAM_CLASSES = {
@@ -205,6 +205,12 @@ def test_maps_are_raw_upsampled_with_half_pixel_centres(model: nn.Module, images
     near, far = 63 / 64, 1 / 64
     expected = near * near * c[:, 1, 1] + near * far * (c[:, 1, 2] + c[:, 2, 1]) + far * far * c[:, 2, 2]
     torch.testing.assert_close(result.maps[:, 48, 48], expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_maps_from_raw_gives_back_the_maps_of_the_pass(model: nn.Module, images: Tensor, compat: bool) -> None:
+    result = compute_cams(model, images, compat=compat)
+    assert torch.equal(maps_from_raw(result.raw, tuple(images.shape[-2:]), compat=compat), result.maps)
 
 
 # ---------------------------------------------------------------- compatibility with pytorch-grad-cam

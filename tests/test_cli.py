@@ -32,7 +32,7 @@ def _option_blocks(output: str) -> dict[str, str]:
 
 def test_the_expected_commands_exist() -> None:
     assert COMMANDS == sorted(["synth", "prepare", "train", "evaluate", "calibrate", "extract", "analyze", "demo",
-                               "score", "serve", "export"])
+                               "score", "serve", "export", "repeat"])
 
 
 @pytest.mark.parametrize("name", COMMANDS)

@@ -97,6 +97,26 @@ def test_two_process_extraction_equals_one_process(ksdd2_raw: Path, prepared_sma
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
 
 
+def test_two_process_repeat_runs_a_seed_once_and_only_rank_0_writes(prepared_small: Path, tmp_path: Path) -> None:
+    args = ["-m", "qrs", "repeat", "--seeds", "4", "--out", tmp_path / "rep", "--", "--data_root", prepared_small,
+            "--arch", "resnet18", "--num_epochs", "1", "--batch_size", "8", "--device", "cpu"]
+    run = torchrun(*args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for line in ("=== seed 4 (1/1)", "== train resnet18", "== calibrate", "== analyze", "F1 (best_loss.pt)"):
+        assert run.stdout.count(line) == 1, line
+    table = pd.read_csv(tmp_path / "rep" / "repeat.csv", index_col="seed")
+    assert list(table.index) == ["4", "mean", "std"]
+    seed_dir = tmp_path / "rep" / "seed-4"
+    assert json.loads((seed_dir / "summary.json").read_text())["seed"] == 4
+    assert read_checkpoint(seed_dir / "run" / "best_loss.pt")["meta"]["seed"] == 4
+    with np.load(seed_dir / "extract" / "gradcam_weights_train.npz") as npz:
+        assert len(npz["ids"]) == 32  # both ranks' shards, gathered
+    assert not [p for p in seed_dir.rglob(".*")]
+    again = torchrun(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("(already done, skipped)") == 1 and "== train" not in again.stdout
+
+
 @pytest.mark.parametrize("extra", [[], ["--mask-loss", "energy", "--arch", "efficientnet_lite0"]],
                          ids=["plain", "mask-guided-lite0"])
 def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared_small: Path, tmp_path: Path,

@@ -18,7 +18,8 @@ from qrs.cli import app
 from qrs.data.dataset import PreparedDataset
 from qrs.data.preparation import prepare
 from qrs.errors import QrsError
-from qrs.extract import ROW_COLUMNS, ScoreOptions, calibrate, calibration_source, extract, parse_modes
+from qrs.extract import (ROW_COLUMNS, ScoreOptions, calibrate, calibration_source, extract, pack_roi, parse_modes,
+                         unpack_roi)
 from qrs.model import (base_meta, build_model, load_checkpoint, normalize, read_checkpoint, save_checkpoint,
                        update_checkpoint_meta)
 from qrs.score import quality_risk_score
@@ -186,6 +187,14 @@ def test_coords_file_overrides_the_roi(prepared_small: Path, checkpoint: Path, t
     scale = read_checkpoint(checkpoint)["meta"]["calibration"]["scale"]
     qrs, _, _ = _direct(checkpoint, PreparedDataset(prepared_small), "test", scale, roi_override=left)
     assert np.allclose(res.rows["test"]["qrs"], qrs, atol=1e-6)
+    split = PreparedDataset(prepared_small).split("test", coords=left)
+    with np.load(tmp_path / "o" / "gradcam_weights_test.npz") as npz:
+        bits = npz["roi_bits"]
+    assert bits.shape == (len(split), 32 * 32 // 8) and bits.dtype == np.uint8
+    stored = unpack_roi(bits, 32)
+    assert torch.equal(stored, torch.stack([split[i]["roi"] for i in range(len(split))]))
+    assert stored[:, :, :16].all() and not stored[:, :, 16:].any()
+    assert torch.equal(pack_roi(stored), torch.from_numpy(bits))
 
 
 def test_area_aggregation_and_image_norm(prepared_small: Path, checkpoint: Path, tmp_path: Path) -> None:

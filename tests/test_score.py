@@ -14,6 +14,7 @@ from qrs.score import (
     normalize_maps,
     qrs_details,
     quality_risk_score,
+    quality_risk_scores,
     risk_cuts,
     risk_level,
 )
@@ -97,6 +98,20 @@ def test_threshold_out_of_range(threshold: float) -> None:
         quality_risk_score(MAPS, None, scale=8.0, threshold=threshold)
     with pytest.raises(ValueError, match="threshold must be in"):
         qrs_details(MAPS, None, scale=8.0, threshold=threshold)
+
+
+def test_several_thresholds_at_once_by_hand() -> None:
+    # scale 8 (image 0 of MAPS, see test_dataset_norm_by_hand): tau 1 keeps the eight 1s -> 8/16;
+    # tau 0.75 -> 9.625/16; tau 0.5 adds .5, .625 -> 10.75/16. Area: 8, 10 and 12 of 16 pixels.
+    q = quality_risk_scores(MAPS, None, thresholds=[1.0, 0.75, 0.5], scale=8.0)
+    assert q.shape == (3, 3) and q[0].tolist() == [8 / 16, 9.625 / 16, 10.75 / 16] and q[1:].sum() == 0
+    area = quality_risk_scores(MAPS, LEFT_HALF, thresholds=[1.0, 0.75, 0.5], scale=8.0, aggregation="area")
+    # Left half (8 pixels): M = 0, .125 / .5, .625 / 1, 1 / 1, 1 -> 4, 4 and 6 pixels over 1, .75 and .5.
+    assert area[0].tolist() == [4 / 8, 4 / 8, 6 / 8]
+    with pytest.raises(ValueError, match="at least one threshold"):
+        quality_risk_scores(MAPS, None, thresholds=[], scale=8.0)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 1.5"):
+        quality_risk_scores(MAPS, None, thresholds=[0.5, 1.5], scale=8.0)
 
 
 def test_threshold_one_is_allowed() -> None:
@@ -232,3 +247,15 @@ def test_risk_cuts_none() -> None:
 
 def test_risk_level_without_medium_band() -> None:
     assert risk_level(torch.tensor([0.1, 0.3, 0.2999]), (0.3, 0.3)) == ["low", "high", "low"]
+
+
+@given(raw_maps, rois, st.lists(taus, min_size=1, max_size=4), st.sampled_from(["mass", "area"]))
+@settings(max_examples=40, deadline=None)
+def test_each_column_equals_one_threshold_call(maps: np.ndarray, roi: np.ndarray, thresholds: list[float],
+                                          aggregation: str) -> None:
+    m, r = torch.from_numpy(maps), torch.from_numpy(roi)
+    q = quality_risk_scores(m, r, thresholds=thresholds, scale=7.0, aggregation=aggregation)
+    for t, tau in enumerate(thresholds):
+        single = quality_risk_score(m, r, scale=7.0, threshold=tau, aggregation=aggregation)
+        torch.testing.assert_close(q[:, t], single, atol=1e-6, rtol=0)
+        assert torch.equal(q[:, t] > 0, single > 0)  # the same pixels reach tau: only the summation order differs

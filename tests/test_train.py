@@ -17,7 +17,8 @@ from conftest import straight_and_resumed
 from qrs.cli import app
 from qrs.errors import QrsError
 from qrs.model import load_checkpoint, read_checkpoint
-from qrs.train import EarlyStopping, TrainConfig, augment_batch, class_weight_tensor, make_scheduler, train
+from qrs.train import (EarlyStopping, TrainConfig, augment_batch, class_weight_tensor, make_scheduler, train,
+                       training_finished)
 
 runner = CliRunner()
 
@@ -59,8 +60,13 @@ def test_training_stops_at_the_right_epoch_on_a_scripted_validation_loss(
     accs = iter([0.5, 0.6, 0.9, 0.6, 0.6, 0.9])
     monkeypatch.setattr(train_module, "validate",
                         lambda *a, **k: {"val_loss": next(losses), "val_acc": next(accs), "val_f1": 0.0})
+    assert not training_finished(_config(prepared_small, tmp_path / "run", num_epochs=6, patience=3))
     result = train(_config(prepared_small, tmp_path / "run", num_epochs=6, patience=3))
     assert result.stopped_early and [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    # Stopped early at epoch 5 of 6: finished, nothing to resume; with a patience of 4 it would go on.
+    assert training_finished(_config(prepared_small, tmp_path / "run", num_epochs=6, patience=3))
+    assert not training_finished(_config(prepared_small, tmp_path / "run", num_epochs=6, patience=4))
+    assert training_finished(_config(prepared_small, tmp_path / "run", num_epochs=5, patience=4))
     assert read_checkpoint(result.best_loss_path)["meta"]["epoch"] == 2
     assert read_checkpoint(result.best_acc_path)["meta"]["epoch"] == 3
 

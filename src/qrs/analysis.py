@@ -93,17 +93,51 @@ def localisation_summary(rows: Any) -> dict[str, Any]:
     return out
 
 
-def distribution_plot(qrs: np.ndarray, labels: np.ndarray, arch: str, out_base: str | os.PathLike[str],
-                      *, method_label: str = "Grad-CAM++", subtitle: str = "") -> list[Path]:
-    """The paper's figure: a histogram with KDE of QRS per class; writes ``out_base``.png and .svg."""
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+"""The thresholds tau of the threshold sweep."""
+
+
+def threshold_sweep(qrs: np.ndarray, labels: np.ndarray, thresholds: list[float]) -> list[dict[str, Any]]:
+    """Per threshold: QRS AUROC, Mann-Whitney p and the shares of zeros, from the QRS of every part
+    at every threshold (N x T, column t at ``thresholds[t]``)."""
+    rows = []
+    for t, tau in enumerate(thresholds):
+        st = qrs_statistics(qrs[:, t], labels)
+        rows.append({"threshold": float(tau), **{k: st[k] for k in ("auroc", "mann_whitney_p", "zero_share_good",
+                                                                     "zero_share_defective", "median_defective")}})
+    return rows
+
+
+def _save_figure(fig: Any, out_base: str | os.PathLike[str], formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write a matplotlib figure as ``out_base``.png and .svg (or ``formats``), atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    from qrs.atomic import write_with
+
+    paths = []
+    for ext in formats:
+        path = Path(f"{out_base}.{ext}")
+        write_with(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext))
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def distribution_plot(qrs: np.ndarray, labels: np.ndarray, arch: str, out_base: str | os.PathLike[str],
+                      *, method_label: str = "Grad-CAM++", subtitle: str = "") -> list[Path]:
+    """The paper's figure: a histogram with KDE of QRS per class; writes ``out_base``.png and .svg."""
+    plt = _pyplot()
     import pandas as pd
     import seaborn as sns
-
-    from qrs.atomic import write_with
 
     frame = pd.DataFrame({
         "QRS (Quality Risk Score)": np.asarray(qrs, dtype=np.float64),
@@ -118,10 +152,50 @@ def distribution_plot(qrs: np.ndarray, labels: np.ndarray, arch: str, out_base: 
     ax.set_xlabel("QRS (Quality Risk Score)")
     ax.set_ylabel("Count")
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "svg"):
-        path = Path(f"{out_base}.{ext}")
-        write_with(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext))
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    return _save_figure(fig, out_base)
+
+
+def sweep_plot(sweep: list[dict[str, Any]], chosen: float, out_base: str | os.PathLike[str], *,
+               title: str = "") -> list[Path]:
+    """QRS AUROC and the share of good parts at 0 (left), Mann-Whitney p on a log scale (right)
+    against tau, the chosen tau marked; PNG only (the report's figure, kept cheap)."""
+    plt = _pyplot()
+    taus = [r["threshold"] for r in sweep]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.6), dpi=110)
+    for key, label, colour in (("auroc", "QRS AUROC", "tab:red"), ("zero_share_good", "good parts at QRS 0",
+                                                                   "tab:blue")):
+        left.plot(taus, [np.nan if r[key] is None else r[key] for r in sweep], "o-", color=colour, label=label)
+    left.set_ylim(-0.02, 1.02)
+    left.legend(loc="lower left")
+    right.semilogy(taus, [np.nan if r["mann_whitney_p"] is None else max(r["mann_whitney_p"], 1e-300) for r in sweep],
+                   "o-", color="tab:purple")
+    right.set_ylabel("Mann-Whitney p")
+    for ax in (left, right):
+        ax.axvline(chosen, color="grey", linestyle="--")
+        ax.set_xlabel(f"threshold tau (chosen: {chosen:g}, dashed)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, out_base, ("png",))
+
+
+def deletion_plot(summary: dict[str, Any], out_base: str | os.PathLike[str], *, title: str = "") -> list[Path]:
+    """Mean drop of p_defective against the share of pixels removed, most and least relevant first,
+    for the defective (solid) and good (dashed) parts."""
+    plt = _pyplot()
+    xs = [0.0, *summary["fractions"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, style in (("defective", "-"), ("good", "--")):
+        part = summary[name]
+        if not part["n"]:
+            continue
+        ax.plot(xs, [0.0, *part["morf_mean_drop"]], style, marker="o", color="tab:red",
+                label=f"{name}: most relevant first")
+        ax.plot(xs, [0.0, *part["lerf_mean_drop"]], style, marker="o", color="tab:blue",
+                label=f"{name}: least relevant first")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("share of pixels removed (noisy linear imputation)")
+    ax.set_ylabel("mean drop of p_defective")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save_figure(fig, out_base)

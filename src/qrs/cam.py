@@ -274,6 +274,13 @@ def _minmax_compat(maps: Tensor) -> Tensor:
     return shifted / (_COMPAT_SCALE_EPS + shifted.amax(dim=(1, 2), keepdim=True))
 
 
+def maps_from_raw(raw: Tensor, size: tuple[int, int], *, compat: bool = False) -> Tensor:
+    """The input-size maps of :class:`CamResult` from its raw maps: bilinear upsampling, and with
+    ``compat`` the grad-cam package's per-image min-max before and after it, in its order. The
+    stored raw maps of an extraction give back exactly the maps its QRS was computed from."""
+    return _minmax_compat(upsample(_minmax_compat(raw), size)) if compat else upsample(raw, size)
+
+
 def compute_cams(
     model: nn.Module,
     images: Tensor,
@@ -319,5 +326,5 @@ def compute_cams(
     with torch.no_grad():
         raw = cam(a.float(), g.float()).clamp(min=0)
         size = (images.shape[-2], images.shape[-1])
-        maps = _minmax_compat(upsample(_minmax_compat(raw), size)) if compat else upsample(raw, size)
+        maps = maps_from_raw(raw, size, compat=compat)
     return CamResult(raw=raw, maps=maps, logits=logits)

@@ -2,7 +2,8 @@
 
 Positive class = defective, prediction = argmax of the softmax. Besides F1, precision, recall,
 accuracy and the confusion matrix, it reports the threshold-free AP and AUROC of p_defective, and
-F1 on the test split at the p_defective threshold that maximises F1 on the validation split.
+F1 on the test split at the p_defective threshold that maximises F1 on the validation split. F1,
+precision, recall, AUROC and AP get stratified bootstrap 95% confidence intervals (:mod:`qrs.bootstrap`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qrs.atomic import write_json, write_text
+from qrs.bootstrap import CLASSIFICATION_METRICS, BootstrapOptions, classification_intervals, with_interval
 from qrs.data.dataset import PreparedDataset
 from qrs.data.split_dataset import SplitDataset
 from qrs.errors import QrsError
@@ -51,9 +53,10 @@ def best_f1_threshold(labels: np.ndarray, p_defective: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
-def classification_metrics(labels: np.ndarray, p_defective: np.ndarray,
-                           val_threshold: float | None = None) -> dict[str, Any]:
-    """The section 5 metrics of one checkpoint on one split (argmax prediction: p_defective > 0.5)."""
+def classification_metrics(labels: np.ndarray, p_defective: np.ndarray, val_threshold: float | None = None,
+                           bootstrap: BootstrapOptions = BootstrapOptions()) -> dict[str, Any]:
+    """The section 5 metrics of one checkpoint on one split (argmax prediction: p_defective > 0.5),
+    with their bootstrap intervals under ``ci`` (None each with ``bootstrap.n_resamples == 0``)."""
     labels = np.asarray(labels).astype(int)
     pred = (np.asarray(p_defective) > 0.5).astype(int)
     both = len(np.unique(labels)) == 2
@@ -68,6 +71,8 @@ def classification_metrics(labels: np.ndarray, p_defective: np.ndarray,
         "n": int(len(labels)),
         "val_threshold": val_threshold,
         "f1_at_val_threshold": None,
+        "ci": classification_intervals(labels, p_defective, bootstrap),
+        "ci_options": bootstrap.describe(),
     }
     if val_threshold is not None:
         out["f1_at_val_threshold"] = float(f1_score(labels, (p_defective >= val_threshold).astype(int), zero_division=0))
@@ -76,11 +81,14 @@ def classification_metrics(labels: np.ndarray, p_defective: np.ndarray,
 
 def evaluate(data_root: str | os.PathLike[str], models: list[str | os.PathLike[str]], *, split: str = "test",
              out: str | os.PathLike[str] | None = None, batch_size: int = 64, device: str = "auto",
-             num_workers: int = 0, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Metrics per checkpoint (keyed by file name); with ``out``, writes metrics.json and the
-    per-image predictions (``predictions.csv`` beside it)."""
+             num_workers: int = 0, progress: bool = True, n_resamples: int = 1000) -> dict[str, dict[str, Any]]:
+    """Metrics per checkpoint (keyed by file name), with ``n_resamples`` bootstrap resamples for
+    their intervals (0: none); with ``out``, writes metrics.json and the per-image predictions
+    (``predictions.csv`` beside it)."""
     if not models:
         raise QrsError("give at least one --model checkpoint")
+    if n_resamples < 0:
+        raise QrsError(f"--n-resamples must be >= 0, got {n_resamples}")
     names = [Path(m).name for m in models]
     if len(set(names)) != len(names):
         raise QrsError(f"checkpoint file names must differ (they key metrics.json): {names}")
@@ -104,7 +112,7 @@ def evaluate(data_root: str | os.PathLike[str], models: list[str | os.PathLike[s
                 threshold = best_f1_threshold(labels_val, p_val)
         labels = test_set.labels.numpy()
         results[name] = {"checkpoint": str(path), "split": split, "epoch": model.qrs_meta.get("epoch"),
-                         **classification_metrics(labels, p_test, threshold)}
+                         **classification_metrics(labels, p_test, threshold, BootstrapOptions(n_resamples))}
         rows.append(pd.DataFrame({"checkpoint": name, "id": test_set.rows["id"], "label": labels,
                                   "p_defective": p_test, "prediction": (p_test > 0.5).astype(int)}))
     if out is not None:
@@ -117,13 +125,23 @@ def evaluate(data_root: str | os.PathLike[str], models: list[str | os.PathLike[s
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """The paper's table (rows = checkpoints, column F1) with the other metrics beside it."""
-    def num(v: float | None) -> str:
-        return "   -  " if v is None else f"{v:.4f}"
+    """The paper's table (rows = checkpoints, column F1) with the other metrics beside it; F1,
+    precision, recall, AP and AUROC with their 95% intervals, e.g. ``0.964 [0.941, 0.982]``."""
+    def cell(m: dict[str, Any], key: str) -> str:
+        interval = (m.get("ci") or {}).get(key) if key in CLASSIFICATION_METRICS else None
+        return with_interval(m[key], interval)
 
-    lines = [f"{'checkpoint':<24} {'F1':>6} {'prec':>6} {'recall':>6} {'acc':>6} {'AP':>6} {'AUROC':>6} "
-             f"{'F1@val-t':>8}  confusion [[tn fp] [fn tp]]"]
+    columns = [("F1", "f1"), ("precision", "precision"), ("recall", "recall"), ("accuracy", "accuracy"),
+               ("AP", "ap"), ("AUROC", "auroc"), ("F1@val-t", "f1_at_val_threshold")]
+    cells = {name: [cell(m, key) for _, key in columns] for name, m in results.items()}
+    widths = [max([len(title)] + [len(c[i]) for c in cells.values()]) for i, (title, _) in enumerate(columns)]
+    lines = [f"{'checkpoint':<24} " + " ".join(f"{title:>{w}}" for (title, _), w in zip(columns, widths))
+             + "  confusion [[tn fp] [fn tp]]"]
     for name, m in results.items():
-        lines.append(f"{name:<24} {num(m['f1'])} {num(m['precision'])} {num(m['recall'])} {num(m['accuracy'])} "
-                     f"{num(m['ap'])} {num(m['auroc'])} {num(m['f1_at_val_threshold']):>8}  {m['confusion_matrix']}")
+        lines.append(f"{name:<24} " + " ".join(f"{c:>{w}}" for c, w in zip(cells[name], widths))
+                     + f"  {m['confusion_matrix']}")
+    if any((m.get("ci") or {}).get("f1") for m in results.values()):
+        opts = next(iter(results.values()))["ci_options"]
+        lines.append(f"[low, high]: {opts['confidence']:.0%} stratified bootstrap interval ({opts['n_resamples']} "
+                     f"resamples, seed {opts['seed']})")
     return "\n".join(lines)

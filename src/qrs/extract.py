@@ -248,7 +248,7 @@ def _score_split(model: nn.Module, dataset: SplitDataset, ctx: DistContext, scal
                  desc: str) -> dict[str, Tensor]:
     """Per-image outputs and raw maps of a whole split, in dataset order (gathered on every rank)."""
     keys = ("p_defective", "prediction", "qrs", "area", "n_over", "mean_over", "max_over", "peak")
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("index", "label", "raw", *keys, "pointing_hit",
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("index", "label", "raw", "roi_bits", *keys, "pointing_hit",
                                                        "energy_in_boxes", "iou")}
     for batch in tqdm(_loader(dataset, ctx, batch_size, num_workers), desc=desc, unit="batch",
                       disable=not (progress and ctx.is_main)):
@@ -258,11 +258,23 @@ def _score_split(model: nn.Module, dataset: SplitDataset, ctx: DistContext, scal
         parts["index"].append(batch["index"])
         parts["label"].append(batch["label"])
         parts["raw"].append(out["raw"].cpu())
+        parts["roi_bits"].append(pack_roi(batch["roi"]))
         for k in keys:
             parts[k].append(out[k].cpu())
         for k, v in loc.items():
             parts[k].append(v.cpu())
     return _gather_rows(parts, ctx)
+
+
+def pack_roi(roi: Tensor) -> Tensor:
+    """B x S x S bool ROI masks -> B x ceil(S*S / 8) uint8, one bit per pixel (``np.packbits``), for the npz."""
+    return torch.from_numpy(np.packbits(roi.cpu().numpy().reshape(len(roi), -1), axis=1))
+
+
+def unpack_roi(bits: np.ndarray, side: int) -> Tensor:
+    """The inverse of :func:`pack_roi`: B x S x S bool masks on the prepared grid."""
+    flat = np.unpackbits(np.asarray(bits, dtype=np.uint8), axis=1, count=side * side)
+    return torch.from_numpy(flat.reshape(len(flat), side, side).astype(bool))
 
 
 def parse_modes(values: list[str]) -> list[str]:
@@ -373,7 +385,7 @@ def _write_mode(out: Path, output_prefix: str, excel_prefix: str, mode: str, row
     buf = io.BytesIO()
     np.savez_compressed(buf, ids=rows["id"].to_numpy(dtype=str), labels=rows["label"].to_numpy(),
                         p_defective=rows["p_defective"].to_numpy(), qrs=rows["qrs"].to_numpy(),
-                        raw_maps=result["raw"].numpy().astype(np.float32),
+                        raw_maps=result["raw"].numpy().astype(np.float32), roi_bits=result["roi_bits"].numpy(),
                         scale=np.float64(np.nan if meta["scale"] is None else meta["scale"]),
                         options=np.array(json.dumps(meta)))
     write_bytes(npz_path, buf.getvalue())

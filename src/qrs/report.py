@@ -1,7 +1,10 @@
 """``qrs analyze``: statistics, distribution plots and the self-contained HTML report of an extraction.
 
 Reads what ``qrs extract`` wrote (``<prefix>_<mode>.npz`` and ``.csv``), writes ``stats.json``, one
-distribution plot per mode (PNG and SVG) and ``report.html`` with every image embedded.
+distribution plot per mode (PNG and SVG) and ``report.html`` with every image embedded. "How sure
+are these numbers": stratified bootstrap intervals of QRS AUROC and of the share of good parts at 0,
+a threshold sweep recomputed from the stored raw maps and ROI (the scale held fixed), and on request
+the deletion test of :mod:`qrs.faithfulness` (which needs the checkpoint and the prepared data).
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qrs.analysis import distribution_plot, localisation_summary, qrs_statistics
+from qrs.analysis import (SWEEP_THRESHOLDS, deletion_plot, distribution_plot, localisation_summary, qrs_statistics,
+                          sweep_plot, threshold_sweep)
 from qrs.atomic import write_json, write_text
-from qrs.cam import upsample
+from qrs.bootstrap import BootstrapOptions, qrs_intervals, with_interval
+from qrs.cam import maps_from_raw
 from qrs.choices import SPLITS
 from qrs.data.dataset import PreparedDataset
 from qrs.errors import QrsError
-from qrs.extract import ScoreOptions
+from qrs.extract import ScoreOptions, unpack_roi
+from qrs.faithfulness import DELETION_FRACTIONS, check_fractions, deletion_drops, deletion_summary
+from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
-from qrs.score import normalize_maps
+from qrs.score import normalize_maps, quality_risk_scores
 
 GALLERY_SIZE = 8
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
@@ -41,6 +48,12 @@ class ModeOutputs:
     rows: pd.DataFrame
     raw_maps: np.ndarray
     options: dict[str, Any]
+    roi_bits: np.ndarray | None = None
+    """The packed ROI masks (``qrs.extract.pack_roi``); None in an npz written before they were stored."""
+
+    @property
+    def score_options(self) -> ScoreOptions:
+        return ScoreOptions(**{f.name: self.options[f.name] for f in fields(ScoreOptions)})
 
 
 @dataclass
@@ -57,14 +70,18 @@ class AnalyzeResult:
         """The F1 table (when metrics were given) and the p-values, as a few lines of text."""
         lines = []
         if self.metrics:
-            lines.append("checkpoint              F1      AP      AUROC")
+            lines.append(f"{'checkpoint':<22} {'F1':<20}  {'AP':<20}  AUROC")
             for name, m in self.metrics.items():
-                lines.append(f"{name:<22} {m['f1']:.4f}  {_fmt(m.get('ap'))}  {_fmt(m.get('auroc'))}")
+                ci = m.get("ci") or {}
+                lines.append(f"{name:<22} " + "  ".join(f"{with_interval(m.get(k), ci.get(k)):<20}"
+                                                        for k in ("f1", "ap", "auroc")).rstrip())
         for mode, st in self.stats["modes"].items():
             q = st["qrs"]
             lines.append(f"{mode}: QRS Mann-Whitney p = {_fmt_p(q['mann_whitney_p'])}, Welch p = {_fmt_p(q['welch_p'])}, "
-                         f"KS p = {_fmt_p(q['ks_p'])}, QRS AUROC = {_fmt(q['auroc'])}, pointing game = "
-                         f"{_fmt(st['localisation']['pointing_game'])}")
+                         f"KS p = {_fmt_p(q['ks_p'])}, QRS AUROC = {with_interval(q['auroc'], st['qrs_ci']['auroc'])}, "
+                         f"pointing game = {_fmt(st['localisation']['pointing_game'])}")
+            if "faithfulness" in st:
+                lines.append(f"{mode}: deletion test: {st['faithfulness']['defective']['verdict']}")
         lines.append(f"report: {self.report}")
         return "\n".join(lines)
 
@@ -85,11 +102,12 @@ def load_mode(extract_dir: Path, prefix: str, mode: str) -> ModeOutputs:
     with np.load(npz_path, allow_pickle=False) as npz:
         ids, raw = npz["ids"].astype(str), npz["raw_maps"]
         options = json.loads(str(npz["options"]))
+        roi_bits = npz["roi_bits"] if "roi_bits" in npz.files else None
     rows = pd.read_csv(csv_path, dtype={"id": str, "defect_type": str}, keep_default_na=False,
                        na_values={c: ["", "nan", "NaN"] for c in ("pointing_hit", "energy_in_boxes", "iou")})
     if list(rows["id"]) != list(ids):
         raise QrsError(f"{csv_path.name} and {npz_path.name} list different images: re-run `qrs extract`")
-    return ModeOutputs(mode, rows, raw, options)
+    return ModeOutputs(mode, rows, raw, options, roi_bits)
 
 
 def per_defect_type(rows: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -102,14 +120,100 @@ def per_defect_type(rows: pd.DataFrame) -> dict[str, dict[str, float]]:
             for t, g in exploded.groupby("defect_type")}
 
 
+SWEEP_BATCH = 64
+"""Maps upsampled at a time by the threshold sweep (bounds its memory)."""
+
+
+def sweep_qrs(mo: ModeOutputs, thresholds: list[float]) -> np.ndarray:
+    """QRS (N x T) of every part at every threshold, recomputed from the stored raw maps and ROI
+    with the calibration scale held fixed. With the dataset norm a part whose raw peak stays below
+    the lowest threshold times the scale has QRS 0 at every threshold (upsampling never exceeds the
+    peak), so only the others are upsampled."""
+    if mo.roi_bits is None:
+        raise ValueError("the npz has no ROI")
+    opts, score = mo.options, mo.score_options
+    side, norm, scale = int(opts["img_size"]), score.effective_norm, opts["scale"]
+    raw = torch.from_numpy(mo.raw_maps)
+    out = np.zeros((len(raw), len(thresholds)))
+    active = torch.arange(len(raw))
+    if norm == "dataset":
+        peaks = raw.amax(dim=(1, 2)) / scale
+        active = active[peaks >= min(thresholds) * (1 - 1e-6)]
+    full = np.packbits(np.ones((1, side * side), dtype=bool), axis=1)
+    for idx in active.split(SWEEP_BATCH):
+        maps = maps_from_raw(raw[idx], (side, side), compat=score.compat)
+        bits = mo.roi_bits[idx.numpy()]
+        roi = None if (bits == full).all() else unpack_roi(bits, side)
+        out[idx.numpy()] = quality_risk_scores(maps, roi, thresholds=thresholds, scale=scale, norm=norm,
+                                               aggregation=score.aggregation).numpy()
+    return out
+
+
+def _sweep(mo: ModeOutputs, out: Path, thresholds: list[float]) -> tuple[dict[str, Any], list[Path]]:
+    """The threshold sweep of one mode (stats.json entry) and its plot."""
+    opts = mo.options
+    if mo.roi_bits is None:
+        return {"rows": [], "note": f"{opts['output_prefix']}_{mo.mode}.npz has no ROI masks (written before "
+                                    "`qrs extract` stored them): re-run `qrs extract` for the threshold sweep"}, []
+    scale = opts["scale"]
+    held = (f"with the calibration scale held fixed (s = {scale:.6g})" if mo.score_options.effective_norm == "dataset"
+            else "with per-image min-max maps")
+    entry = {"chosen": opts["threshold"], "aggregation": opts["aggregation"], "scale": scale,
+             "rows": threshold_sweep(sweep_qrs(mo, thresholds), mo.rows["label"].to_numpy(), thresholds),
+             "note": f"QRS recomputed at each tau from the stored raw maps and ROI {held}, no model run"}
+    plots = sweep_plot(entry["rows"], opts["threshold"], out / f"threshold_sweep_{mo.mode}",
+                       title=f"{mo.mode} split: QRS against the threshold tau")
+    return entry, plots
+
+
+def _faithfulness(mo: ModeOutputs, out: Path, fractions: tuple[float, ...], device: str, batch_size: int,
+                  num_workers: int, progress: bool) -> tuple[dict[str, Any], list[Path]]:
+    """The deletion test of one mode, on the checkpoint and prepared data that the extract recorded."""
+    opts = mo.options
+    model_path, data_dir = Path(opts["model_path"]), Path(opts["data_dir"])
+    if not model_path.is_file():
+        raise QrsError(f"the deletion test runs the model of the extract, {model_path}, which does not exist")
+    if not (data_dir / "index.csv").is_file():
+        raise QrsError(f"the deletion test needs the prepared dataset of the extract, {data_dir}, which is gone")
+    split = PreparedDataset(data_dir).split(mo.mode, with_masks=False)
+    if list(split.rows["id"]) != list(mo.rows["id"]):
+        raise QrsError(f"the {mo.mode} split of {data_dir} no longer lists the extract's images: re-run `qrs extract`")
+    model = load_checkpoint(model_path, device=resolve_device(device))
+    morf, lerf = deletion_drops(model, split, torch.from_numpy(mo.raw_maps), mo.rows["p_defective"].to_numpy(),
+                                fractions=fractions, batch_size=batch_size, num_workers=num_workers,
+                                progress=progress, desc=f"deletion test ({mo.mode} split)")
+    summary = deletion_summary(morf, lerf, mo.rows["label"].to_numpy(), fractions)
+    plots = deletion_plot(summary, out / f"deletion_{mo.mode}",
+                          title=f"{mo.mode} split: deletion test (ROAD, noisy linear imputation)")
+    return summary, plots
+
+
 def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[str] | None = None,
-            out: str | os.PathLike[str] | None = None, output_prefix: str = "gradcam_weights") -> AnalyzeResult:
-    """Statistics per mode, distribution plots and report.html for the outputs in ``extract_dir``."""
+            out: str | os.PathLike[str] | None = None, output_prefix: str = "gradcam_weights",
+            n_resamples: int = 1000, sweep: bool = True, faithfulness: bool = False,
+            faithfulness_split: str = "test", fractions: tuple[float, ...] = DELETION_FRACTIONS,
+            device: str = "auto", batch_size: int = 32, num_workers: int = 0,
+            progress: bool = True) -> AnalyzeResult:
+    """Statistics per mode, distribution plots and report.html for the outputs in ``extract_dir``.
+
+    ``n_resamples``: bootstrap resamples of the intervals (0: none). ``sweep``: the threshold sweep
+    over tau in SWEEP_THRESHOLDS. ``faithfulness``: the deletion test of ``faithfulness_split`` at
+    ``fractions`` (2 x len(fractions) forward passes per part on ``device``).
+    """
     extract_dir = Path(extract_dir)
     out = Path(out) if out else extract_dir / "analysis"
     modes = [m for m in SPLITS if (extract_dir / f"{output_prefix}_{m}.npz").is_file()]
     if not modes:
         raise QrsError(f"no `qrs extract` outputs ({output_prefix}_<mode>.npz) in {extract_dir}")
+    if n_resamples < 0:
+        raise QrsError(f"--n-resamples must be >= 0, got {n_resamples}")
+    if faithfulness and faithfulness_split not in modes:
+        raise QrsError(f"--faithfulness-split {faithfulness_split}: {extract_dir} has no extract of that split "
+                       f"(it has {', '.join(modes)})")
+    try:
+        fractions = check_fractions(fractions)
+    except ValueError as exc:
+        raise QrsError(str(exc)) from exc
     metrics_obj = None
     if metrics is not None:
         try:
@@ -117,16 +221,28 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
         except (OSError, json.JSONDecodeError) as exc:
             raise QrsError(f"cannot read metrics file {metrics}: {exc}") from exc
     outputs = [load_mode(extract_dir, output_prefix, m) for m in modes]
+    bootstrap = BootstrapOptions(n_resamples)
     stats: dict[str, Any] = {"extract_dir": str(extract_dir), "options": outputs[0].options,
-                             "mask_guided": bool(outputs[0].options.get("mask_guidance")), "modes": {}}
+                             "mask_guided": bool(outputs[0].options.get("mask_guidance")),
+                             "ci_options": bootstrap.describe(), "modes": {}}
     plots: list[Path] = []
     for mo in outputs:
         labels, qrs = mo.rows["label"].to_numpy(), mo.rows["qrs"].to_numpy()
-        stats["modes"][mo.mode] = {"qrs": qrs_statistics(qrs, labels), "localisation": localisation_summary(mo.rows),
-                                   "per_defect_type": per_defect_type(mo.rows), "n_images": int(len(mo.rows))}
+        entry = {"qrs": qrs_statistics(qrs, labels), "qrs_ci": qrs_intervals(labels, qrs, bootstrap),
+                 "localisation": localisation_summary(mo.rows), "per_defect_type": per_defect_type(mo.rows),
+                 "n_images": int(len(mo.rows))}
         plots += distribution_plot(qrs, labels, mo.options["arch"], out / f"qrs_distribution_{mo.mode}",
                                    method_label=METHOD_LABELS.get(mo.options["method"], mo.options["method"]),
                                    subtitle=f"{mo.mode} split, n = {len(mo.rows)}")
+        if sweep:
+            thresholds = sorted({*SWEEP_THRESHOLDS, float(mo.options["threshold"])})
+            entry["threshold_sweep"], sweep_plots = _sweep(mo, out, thresholds)
+            plots += sweep_plots
+        if faithfulness and mo.mode == faithfulness_split:
+            entry["faithfulness"], deletion_plots = _faithfulness(mo, out, fractions, device, batch_size, num_workers,
+                                                                  progress)
+            plots += deletion_plots
+        stats["modes"][mo.mode] = entry
     write_json(out / "stats.json", stats)
     report = out / "report.html"
     write_text(report, render_report(outputs, stats, metrics_obj, plots))
@@ -164,7 +280,7 @@ def _gallery_cards(mo: ModeOutputs, picks: pd.DataFrame, data: PreparedDataset |
     split = data.split(mo.mode)
     position = {i: k for k, i in enumerate(split.rows["id"])}
     opts = mo.options
-    norm = ScoreOptions(**{f.name: opts[f.name] for f in fields(ScoreOptions)}).effective_norm
+    score = mo.score_options
     cards = []
     for _, row in picks.iterrows():
         k = position.get(row["id"])
@@ -173,8 +289,8 @@ def _gallery_cards(mo: ModeOutputs, picks: pd.DataFrame, data: PreparedDataset |
         item = split[k]
         rgb = item["image"].permute(1, 2, 0).numpy()
         raw = torch.from_numpy(mo.raw_maps[mo.rows.index.get_loc(row.name)][None])
-        maps = upsample(raw, (data.img_size, data.img_size))
-        m = normalize_maps(maps, norm=norm, scale=opts["scale"])[0].numpy()
+        maps = maps_from_raw(raw, (data.img_size, data.img_size), compat=score.compat)
+        m = normalize_maps(maps, norm=score.effective_norm, scale=opts["scale"])[0].numpy()
         roi = item["roi"].numpy()
         overlay = render_overlay(rgb, m, roi, (m >= opts["threshold"]) & roi)
         scale_up = max(1, 160 // data.img_size)
@@ -193,6 +309,64 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _images(plots: list[Path], prefix: str) -> str:
+    """The PNG plots whose names start with ``prefix``, embedded side by side."""
+    return "<div class='plots'>" + "".join(f"<img src='{_data_uri(p.read_bytes())}' alt='{html.escape(p.stem)}'>"
+                                           for p in plots if p.suffix == ".png" and p.stem.startswith(prefix)) + "</div>"
+
+
+def _how_sure(stats: dict[str, Any], metrics: dict[str, Any] | None, plots: list[Path]) -> str:
+    """The "How sure are these numbers" section: intervals, threshold sweep, deletion test."""
+    ci = stats["ci_options"]
+    parts = ["<h2>How sure are these numbers</h2>"]
+    if ci["n_resamples"]:
+        sources = "F1, precision, recall, AP and AUROC above (from `qrs evaluate`) and " if metrics and any(
+            m.get("ci") for m in metrics.values()) else ""
+        parts.append(f"<p><b>Confidence intervals.</b> {html.escape(sources)}QRS AUROC and the share of good parts at "
+                     f"QRS 0 are shown as value [low, high]: a {ci['confidence']:.0%} percentile bootstrap interval "
+                     f"({ci['n_resamples']} resamples, seed {ci['seed']}), stratified by class: good and defective "
+                     "parts are resampled separately, so every resample keeps the split's class counts. With few "
+                     "defective parts the interval is wide; it reflects the sampling of parts, not retraining "
+                     "(see <code>qrs repeat</code> for that).</p>")
+    else:
+        parts.append("<p>No confidence intervals (<code>--n-resamples 0</code>).</p>")
+    for mode, st in stats["modes"].items():
+        sweep = st.get("threshold_sweep")
+        if sweep is None:
+            continue
+        if not sweep["rows"]:
+            parts.append(f"<h3>Threshold sweep ({mode})</h3><p class='none'>{html.escape(sweep['note'])}</p>")
+            continue
+        rows = [[("<b>%g (chosen)</b>" % r["threshold"]) if r["threshold"] == sweep["chosen"] else f"{r['threshold']:g}",
+                 _fmt(r["auroc"]), _fmt_p(r["mann_whitney_p"]), _fmt(r["zero_share_good"]),
+                 _fmt(r["zero_share_defective"]), _fmt(r["median_defective"])] for r in sweep["rows"]]
+        parts.append(f"<h3>Threshold sweep ({mode})</h3><p>{html.escape(sweep['note'])}; aggregation "
+                     f"{html.escape(sweep['aggregation'])}. A tau where QRS AUROC and p barely move is not a "
+                     "fragile choice.</p>" + _table(
+                         ["τ", "QRS AUROC", "Mann-Whitney p", "good at 0", "defective at 0", "median QRS defective"],
+                         rows) + _images(plots, f"threshold_sweep_{mode}"))
+    for mode, st in stats["modes"].items():
+        faith = st.get("faithfulness")
+        if faith is None:
+            continue
+        header = ["parts", "n", *(f"drop at {f:.0%}: most / least relevant" for f in faith["fractions"]),
+                  "area between the curves", "Wilcoxon p (one-sided)"]
+        rows = [[name, str(part["n"]),
+                 *((f"{m:+.4f} / {lo:+.4f}" for m, lo in zip(part["morf_mean_drop"], part["lerf_mean_drop"]))
+                   if part["n"] else ["-"] * len(faith["fractions"])),
+                 "-" if part["area_between"] is None else f"{part['area_between']:+.4f}", _fmt_p(part["wilcoxon_p"])]
+                for name in ("defective", "good") for part in [faith[name]]]
+        parts.append(f"<h3>Does the model use what the map shows? Deletion test ({mode})</h3><p>The pixels each map "
+                     "ranks highest (most relevant first) or lowest (least relevant first) are removed and filled by "
+                     f"noisy linear imputation (ROAD, noise {faith['noise']:g}), and the model runs again: the table "
+                     "gives the mean drop of p_defective. A faithful map's most-relevant curve drops faster; the area "
+                     "between the curves (trapezoid from 0) measures by how much.</p>"
+                     + _table(header, rows)
+                     + "".join(f"<p><b>{html.escape(faith[n]['verdict'])}</b></p>" for n in ("defective", "good"))
+                     + _images(plots, f"deletion_{mode}"))
+    return "".join(parts)
+
+
 def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: dict[str, Any] | None,
                   plots: list[Path]) -> str:
     """The whole report as one HTML string (images embedded as data URIs)."""
@@ -203,23 +377,24 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
     if metrics:
         sections.append("<h2>Classification (test split)</h2>" + _table(
             ["checkpoint", "F1", "precision", "recall", "accuracy", "AP", "AUROC", "confusion [[tn, fp], [fn, tp]]"],
-            [[html.escape(n), _fmt(m["f1"]), _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["accuracy"]),
-              _fmt(m.get("ap")), _fmt(m.get("auroc")), html.escape(str(m["confusion_matrix"]))]
+            [[html.escape(n), *(with_interval(m.get(k), (m.get("ci") or {}).get(k)) for k in ("f1", "precision", "recall")),
+              _fmt(m["accuracy"]), *(with_interval(m.get(k), (m.get("ci") or {}).get(k)) for k in ("ap", "auroc")),
+              html.escape(str(m["confusion_matrix"]))]
              for n, m in metrics.items()]))
     sections.append("<h2>QRS: defective vs non-defective</h2>" + _table(
         ["split", "n defective / good", "Mann-Whitney p (primary)", "Welch t p", "KS p", "QRS AUROC",
          "median QRS defective / good", "zero share defective / good"],
         [[mode, f"{q['n_defective']} / {q['n_good']}", _fmt_p(q["mann_whitney_p"]), _fmt_p(q["welch_p"]),
-          _fmt_p(q["ks_p"]), _fmt(q["auroc"]), f"{_fmt(q['median_defective'])} / {_fmt(q['median_good'])}",
-          f"{_fmt(q['zero_share_defective'])} / {_fmt(q['zero_share_good'])}"]
+          _fmt_p(q["ks_p"]), with_interval(q["auroc"], st["qrs_ci"]["auroc"]),
+          f"{_fmt(q['median_defective'])} / {_fmt(q['median_good'])}",
+          f"{_fmt(q['zero_share_defective'])} / {with_interval(q['zero_share_good'], st['qrs_ci']['zero_share_good'])}"]
          for mode, st in stats["modes"].items() for q in [st["qrs"]]]))
     sections.append("<h2>Localisation (defective images with regions)</h2>" + _table(
         ["split", "pointing game (15 px at 224)", "energy in defect boxes", "IoU of M ≥ τ with the mask"],
         [[mode, _fmt(loc["pointing_game"]), _fmt(loc["energy_in_boxes"]), _fmt(loc["iou"])]
          for mode, st in stats["modes"].items() for loc in [st["localisation"]]]))
-    sections.append("<h2>Distributions</h2><div class='plots'>" + "".join(
-        f"<img src='{_data_uri(p.read_bytes())}' alt='{html.escape(p.stem)}'>" for p in plots if p.suffix == ".png")
-        + "</div>")
+    sections.append("<h2>Distributions</h2>" + _images(plots, "qrs_distribution_"))
+    sections.append(_how_sure(stats, metrics, plots))
     for mo in outputs:
         types = stats["modes"][mo.mode]["per_defect_type"]
         if types:
@@ -252,6 +427,7 @@ th {{ background: #f0f0f0; }} td:first-child {{ text-align: left; }}
 .plots img {{ max-width: 48%; margin-right: 1%; }}
 .gallery {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 figure {{ margin: 0; border: 1px solid #ddd; padding: 6px; font-size: 12px; }}
+h3 {{ margin-top: 1.2em; }}
 figure img {{ width: 160px; height: 160px; image-rendering: pixelated; margin-right: 4px; }}
 .none {{ color: #777; }}
 </style></head><body>

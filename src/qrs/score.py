@@ -15,7 +15,6 @@ from torch import Tensor
 from qrs.choices import AGGREGATIONS, NORMS
 
 
-
 def normalize_maps(maps: Tensor, *, norm: str = "dataset", scale: float | None = None) -> Tensor:
     """M from raw maps C (B x H x W).
 
@@ -49,21 +48,61 @@ def _roi_mask(maps: Tensor, roi: Tensor | None) -> Tensor:
     return roi.to(maps.device).expand(maps.shape)
 
 
-def _over_threshold(
-    maps: Tensor, roi: Tensor | None, scale: float | None, threshold: float, norm: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(M, R & {M >= tau}, |R| as float): the shared core of every QRS output."""
+def _check_threshold(threshold: float) -> None:
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+
+
+def _normalized_region(maps: Tensor, roi: Tensor | None, scale: float | None, norm: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(M, R, |R| as float): the shared core of every QRS output."""
     m = normalize_maps(maps, norm=norm, scale=scale)
     region = _roi_mask(maps, roi)
-    over = region & (m >= threshold)
-    return m, over, region.sum(dim=(1, 2)).to(m.dtype)
+    return m, region, region.sum(dim=(1, 2)).to(m.dtype)
 
 
 def _share(total: Tensor, count: Tensor) -> Tensor:
     """total / count per image, 0 where count is 0 (an empty ROI, or no pixel over tau)."""
     return torch.where(count > 0, total / count.clamp(min=1), 0)
+
+
+def quality_risk_scores(
+    maps: Tensor,
+    roi: Tensor | None,
+    *,
+    thresholds: Sequence[float],
+    scale: float | None = None,
+    norm: str = "dataset",
+    aggregation: str = "mass",
+) -> Tensor:
+    """QRS per image at each threshold (B x T), from one pass over the maps: the threshold sweep.
+
+    Column t equals ``quality_risk_score`` at ``thresholds[t]`` up to rounding (sums in float64):
+    each pixel of R is put in the bucket of the thresholds it reaches (pixels outside R are set to
+    0, below every tau > 0), the buckets are summed per image, and the sum over tau_t is the sum
+    of the buckets at and above it. One pass instead of one per threshold.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if not thresholds:
+        raise ValueError("thresholds must name at least one threshold")
+    for threshold in thresholds:
+        _check_threshold(threshold)
+    m = normalize_maps(maps, norm=norm, scale=scale)
+    b = m.shape[0]
+    if roi is None:
+        values, n_roi = m.reshape(b, -1), torch.full((b,), float(m[0].numel()), dtype=torch.float64)
+    else:
+        region = _roi_mask(maps, roi)
+        values = torch.where(region, m, 0).reshape(b, -1)
+        n_roi = region.sum(dim=(1, 2)).to(torch.float64)
+    levels, order = torch.sort(torch.tensor([float(t) for t in thresholds], dtype=m.dtype, device=m.device))
+    bucket = torch.bucketize(values, levels, right=True)
+    weights = values.to(torch.float64) if aggregation == "mass" else torch.ones_like(values, dtype=torch.float64)
+    sums = torch.zeros(b, len(levels) + 1, dtype=torch.float64, device=m.device).scatter_add_(1, bucket, weights)
+    at_or_above = sums.flip(1).cumsum(1).flip(1)[:, 1:]
+    out = torch.empty_like(at_or_above)
+    out[:, order] = at_or_above
+    return _share(out, n_roi[:, None].to(m.device)).to(m.dtype)
 
 
 def quality_risk_score(
@@ -83,7 +122,9 @@ def quality_risk_score(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
-    m, over, n_roi = _over_threshold(maps, roi, scale, threshold, norm)
+    _check_threshold(threshold)
+    m, region, n_roi = _normalized_region(maps, roi, scale, norm)
+    over = region & (m >= threshold)
     total = (m * over).sum(dim=(1, 2)) if aggregation == "mass" else over.sum(dim=(1, 2)).to(m.dtype)
     return _share(total, n_roi)
 
@@ -101,7 +142,9 @@ def qrs_details(
     qrs (mass aggregation), area (share of R over tau), n_over (int64 count of R pixels over tau),
     mean_over and max_over (of M over tau inside R, 0 when none), peak (max of the raw map).
     """
-    m, over, n_roi = _over_threshold(maps, roi, scale, threshold, norm)
+    _check_threshold(threshold)
+    m, region, n_roi = _normalized_region(maps, roi, scale, norm)
+    over = region & (m >= threshold)
     n_over = over.sum(dim=(1, 2))
     mass = (m * over).sum(dim=(1, 2))
     return {
@@ -132,8 +175,7 @@ def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", 
     q = DEFAULT_QUANTILE[anchor] if quantile is None else float(quantile)
     if not 0 < q <= 1:
         raise ValueError(f"the calibration quantile must be in (0, 1], got {q:g}")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    _check_threshold(threshold)
     values = torch.as_tensor(peaks, dtype=torch.float64).flatten()
     if values.numel() == 0:
         raise ValueError(f"calibration needs the map peaks of at least one {anchor} part")

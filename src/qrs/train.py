@@ -346,6 +346,16 @@ def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
     write_text(out / "log.csv", buf.getvalue())
 
 
+def training_finished(cfg: TrainConfig) -> bool:
+    """True when the run's ``last.pt`` reached ``cfg.num_epochs`` or stopped early (nothing to resume)."""
+    last = cfg.paths()[2]
+    if not last.is_file():
+        return False
+    state = read_checkpoint(last)
+    stopped = state.get("early_stopping", {}).get("bad_epochs", 0) >= cfg.patience
+    return state["meta"]["epoch"] >= cfg.num_epochs or stopped
+
+
 def train(cfg: TrainConfig, *, on_batch: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train per ``cfg``; ``on_batch(epoch, batch_index)`` is called before every training step."""
     return _train(cfg, init_distributed(cfg.device), on_batch)
