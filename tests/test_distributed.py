@@ -117,7 +117,7 @@ def test_two_process_repeat_runs_a_seed_once_and_only_rank_0_writes(prepared_sma
     assert again.stdout.count("(already done, skipped)") == 1 and "== train" not in again.stdout
 
 
-@pytest.mark.parametrize("extra", [[], ["--mask-loss", "energy", "--arch", "efficientnet_lite0"]],
+@pytest.mark.parametrize("extra", [["--mask-loss", "none"], ["--mask-loss", "energy", "--arch", "efficientnet_lite0"]],
                          ids=["plain", "mask-guided-lite0"])
 def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared_small: Path, tmp_path: Path,
                                                                        extra: list[str]) -> None:
@@ -134,8 +134,8 @@ def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared
                                                         "log.jsonl"]
         for name in ("best_acc.pt", "best_loss.pt", "last.pt"):
             meta = load_checkpoint(out / name).qrs_meta
-            assert meta["arch"] == ("efficientnet_lite0" if extra else "resnet18")
-            assert ("mask_guidance" in meta) == bool(extra)
+            assert meta["arch"] == ("efficientnet_lite0" if "energy" in extra else "resnet18")
+            assert ("mask_guidance" in meta) == ("energy" in extra)
         assert state_digest(read_checkpoint(out / "last.pt")["state_dict"]) == ranks[0][run_dir]
         assert list(pd.read_csv(out / "log.csv")["epoch"]) == [1, 2]
         assert len((out / "log.jsonl").read_text().splitlines()) == 2

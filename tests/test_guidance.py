@@ -125,7 +125,7 @@ def _energy_on_train(path: Path, data: Path, side: int) -> float:
 
 def test_guidance_reports_itself_in_the_first_lines_the_log_and_the_checkpoint(
         guided_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    plain = train(_config(guided_data, tmp_path / "plain", num_epochs=1))
+    plain = train(_config(guided_data, tmp_path / "plain", num_epochs=1, mask_loss="none"))
     guided = train(_config(guided_data, tmp_path / "guided", num_epochs=2, mask_loss="energy", mask_weight=3.0))
     index = PreparedDataset(guided_data).index
     n_defective = int(((index["split"] == "train") & (index["label"] == 1)).sum())
@@ -139,12 +139,14 @@ def test_guidance_reports_itself_in_the_first_lines_the_log_and_the_checkpoint(
     assert "mask_guidance" not in read_checkpoint(plain.last_path)["meta"]
     log = pd.read_csv(tmp_path / "guided" / "log.csv")
     assert list(log["mask_weight"]) == [3.0, 3.0] and (log["train_mask_loss"] > 0).all()
+    assert list(log["mask_loss"]) == ["energy", "energy"]
+    assert list(pd.read_csv(tmp_path / "plain" / "log.csv")["mask_loss"]) == ["none"]
 
 
 def test_guidance_moves_the_map_onto_the_defect(guided_raw: Path, tmp_path: Path) -> None:
     data = tmp_path / "p128"
     prepare("ksdd2", guided_raw, data, img_size=128, val_fraction=0.25, progress=False)
-    plain = train(_config(data, tmp_path / "plain"))
+    plain = train(_config(data, tmp_path / "plain", mask_loss="none"))
     guided = train(_config(data, tmp_path / "guided", mask_loss="energy", mask_weight=3.0))
     before, after = _energy_on_train(plain.last_path, data, 128), _energy_on_train(guided.last_path, data, 128)
     assert after > before + 0.08, (before, after)
@@ -164,6 +166,18 @@ def test_mask_fraction_and_missing_masks(guided_data: Path, tmp_path: Path, caps
     with pytest.raises(QrsError, match=r"--mask-loss energy needs defect masks or boxes, but none of the \d+ "
                                        "defective training images of .* has any; train with --mask-loss none"):
         train(_config(bare, tmp_path / "run", num_epochs=1, mask_loss="energy"))
+    capsys.readouterr()
+    plain = train(_config(bare, tmp_path / "auto_bare", num_epochs=1))
+    assert capsys.readouterr().out.splitlines()[0] == ("note: no defect masks or boxes in the training split: trained "
+                                                       "on the labels alone (no mask guidance)")
+    assert "mask_guidance" not in read_checkpoint(plain.last_path)["meta"]
+    guided = train(_config(guided_data, tmp_path / "auto", num_epochs=1))
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first == ("note: mask guidance is on by default (--mask-loss auto: the training split has defect masks "
+                     "or boxes); --mask-loss none trains on the labels alone")
+    assert second.startswith("mask guidance: energy loss, weight 1 ")
+    meta = read_checkpoint(guided.last_path)["meta"]
+    assert meta["train_config"]["mask_loss"] == "auto" and meta["mask_guidance"]["loss"] == "energy"
 
 
 def test_resume_is_exact_with_mask_guidance(guided_data: Path, tmp_path: Path) -> None:
@@ -173,14 +187,15 @@ def test_resume_is_exact_with_mask_guidance(guided_data: Path, tmp_path: Path) -
 
 
 def test_extract_stats_and_report_say_whether_the_model_was_mask_guided(guided_data: Path, tmp_path: Path) -> None:
-    for name, kw in (("plain", {}), ("guided", {"mask_loss": "energy"})):
+    for name, kw in (("plain", {"mask_loss": "none"}), ("guided", {"mask_loss": "energy"})):
         run = train(_config(guided_data, tmp_path / name, num_epochs=1, **kw))
         extract(guided_data, run.best_loss_path, modes=["test"], out_dir=tmp_path / f"x_{name}", device="cpu",
                 progress=False)
         result = analyze(tmp_path / f"x_{name}")
         html = result.report.read_text()
-        assert result.stats["mask_guided"] is bool(kw)
-        if kw:
+        guided = kw["mask_loss"] == "energy"
+        assert result.stats["mask_guided"] is guided
+        if guided:
             guidance = read_checkpoint(run.best_loss_path)["meta"]["mask_guidance"]
             assert result.stats["options"]["mask_guidance"] == guidance
             assert (f"Mask-guided training: energy loss, weight 1, masks dilated by 4 px, masks of "

@@ -144,7 +144,8 @@ def train(
     mask_loss: Annotated[MaskLoss, typer.Option(help="Mask guidance (QRS_SPEC 2b): energy adds, for defective training "
                                                      "images with a mask or boxes, 1 - (share of the Grad-CAM++ map "
                                                      "inside the dilated defect) to the loss; none: classification "
-                                                     "loss only.")] = "none",
+                                                     "loss only (the paper's); auto: energy when the training split "
+                                                     "has masks or boxes, else none.")] = "auto",
     mask_weight: Annotated[float, typer.Option(help="Weight lambda of the mask term.")] = 1.0,
     mask_warmup: Annotated[float, typer.Option(help="Share of the training steps over which lambda ramps up "
                                                     "linearly from 0.")] = 0.2,

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    mask_loss: MaskLoss = "none"
+    mask_loss: MaskLoss = "auto"
     mask_weight: float = 1.0
     mask_warmup: float = 0.2
     mask_dilate: int | None = None
@@ -174,28 +174,48 @@ class WithFeatures(nn.Module):
         return self.split.head(a), a
 
 
+def _has_region(data: PreparedDataset) -> torch.Tensor:
+    """(N,) bool over the training split: defective images with a mask file or defect boxes."""
+    rows = data.rows("train")
+    return torch.tensor([(lab == 1) and (bool(mask) or bool(defects)) for lab, mask, defects in
+                         zip(rows["label"], rows["mask"], rows["defects"])], dtype=torch.bool)
+
+
+def resolve_mask_loss(cfg: TrainConfig, data: PreparedDataset) -> tuple[str, str]:
+    """The mask term this run uses, ``energy`` or ``none``, and the line that says why.
+
+    ``auto`` (the default) is ``energy`` when some defective training image has a mask or boxes
+    (measured: docs/architecture.md, "Mask guidance"), else ``none``.
+    """
+    if cfg.mask_loss not in ("auto", "none", "energy"):
+        raise QrsError(f"unknown --mask-loss {cfg.mask_loss!r}; expected auto, none or energy")
+    if cfg.mask_loss != "auto":
+        return cfg.mask_loss, ""
+    if bool(_has_region(data).any()):
+        return "energy", ("mask guidance is on by default (--mask-loss auto: the training split has defect masks or "
+                          "boxes); --mask-loss none trains on the labels alone")
+    return "none", "no defect masks or boxes in the training split: trained on the labels alone (no mask guidance)"
+
+
 def mask_guidance(cfg: TrainConfig, model: nn.Module, data: PreparedDataset, total_steps: int) -> MaskGuidance | None:
-    """The run's :class:`MaskGuidance`, or None for ``mask_loss="none"``; an error when nothing has a mask."""
+    """The run's :class:`MaskGuidance` for a resolved ``mask_loss`` (None for ``none``); an error when
+    ``energy`` finds no mask at all."""
     if cfg.mask_loss == "none":
         return None
-    if cfg.mask_loss != "energy":
-        raise QrsError(f"unknown --mask-loss {cfg.mask_loss!r}; expected none or energy")
     if not 0 <= cfg.mask_fraction <= 1 or cfg.mask_weight < 0 or not 0 <= cfg.mask_warmup <= 1:
         raise QrsError("--mask-fraction and --mask-warmup must be in [0, 1] and --mask-weight >= 0")
     split = gap_linear(model)
     if split is None:
         raise QrsError(f"--mask-loss energy needs a model explained in closed form; {cfg.arch} is not")
-    rows = data.rows("train")
-    has_region = torch.tensor([(lab == 1) and (bool(mask) or bool(defects)) for lab, mask, defects in
-                               zip(rows["label"], rows["mask"], rows["defects"])])
-    n_defective = int((rows["label"] == 1).sum())
+    has_region = _has_region(data)
+    n_defective = int((data.rows("train")["label"] == 1).sum())
     if not has_region.any():
         raise QrsError(f"--mask-loss energy needs defect masks or boxes, but none of the {n_defective} defective "
                        f"training images of {data.root} has any; train with --mask-loss none")
     candidates = torch.nonzero(has_region).flatten()
     keep = round(cfg.mask_fraction * len(candidates))
     chosen = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(cfg.seed))[:keep]]
-    use = torch.zeros(len(rows), dtype=torch.bool)
+    use = torch.zeros(len(has_region), dtype=torch.bool)
     use[chosen] = True
     dilate = default_dilation(data.img_size) if cfg.mask_dilate is None else cfg.mask_dilate
     if dilate < 0:
@@ -374,6 +394,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     model = build_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(ctx.device)
     meta = base_meta(cfg.arch, data.img_size, dataset_hash=data.dataset_hash, seed=cfg.seed)
     meta["train_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    mask_loss, mask_note = resolve_mask_loss(cfg, data)
+    cfg = replace(cfg, mask_loss=mask_loss)
+    if mask_note and ctx.is_main:
+        print(f"note: {mask_note}", flush=True)
     train_loader, val_loader, train_labels = _loaders(data, cfg, ctx, generator)
     weights = class_weight_tensor(train_labels, cfg.class_weights)
     criterion = nn.CrossEntropyLoss(weight=weights.to(ctx.device) if weights is not None else None,
@@ -425,7 +449,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
                                  generator, epoch, on_batch, guidance)
         broadcast_buffers(model, ctx)
         metrics = validate(model, val_loader, criterion, meta, ctx)
-        row = {"epoch": epoch, **losses, **metrics, "time_s": time.perf_counter() - t0,
+        row = {"epoch": epoch, "mask_loss": cfg.mask_loss, **losses, **metrics, "time_s": time.perf_counter() - t0,
                "lr": optimizer.param_groups[0]["lr"]}
         train_loss = losses["train_loss"]
         history.append(row)
