@@ -19,9 +19,11 @@ from qrs.data.dataset import PreparedDataset
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.errors import QrsError
-from qrs.extract import extract
+from qrs.export import export_onnx
+from qrs.extract import calibrate, extract
 from qrs.guidance import default_dilation, energy_loss, grid_mask, mask_weight, select_masked
 from qrs.model import build_model, load_checkpoint, normalize, read_checkpoint
+from qrs.predict import score_files
 from qrs.report import analyze
 from qrs.train import TrainConfig, augment_batch, train
 
@@ -202,3 +204,16 @@ def test_extract_stats_and_report_say_whether_the_model_was_mask_guided(guided_d
                     f"{guidance['n_masked']} of {guidance['n_defective']} defective training images used.") in html
         else:
             assert "Trained without mask guidance (classification loss only)." in html
+
+
+def test_a_mask_guided_checkpoint_scores_the_same_through_onnx(guided_data: Path, tmp_path: Path) -> None:
+    run = train(_config(guided_data, tmp_path / "run", num_epochs=1, mask_loss="energy"))
+    calibrate(run.best_loss_path, guided_data, device="cpu", progress=False)
+    export_onnx(run.best_loss_path, tmp_path / "guided.onnx", progress=False)
+    images = sorted((guided_data / "images" / "test").glob("*.png"))
+    torch_rows = score_files(images, run.best_loss_path, out=tmp_path / "t", progress=False).rows
+    onnx_rows = score_files(images, tmp_path / "guided.onnx", out=tmp_path / "o", backend="onnx",
+                            progress=False).rows
+    for a, b in zip(torch_rows, onnx_rows, strict=True):
+        assert a["verdict"] == b["verdict"] and a["qrs"] == pytest.approx(b["qrs"], abs=1e-4)
+        assert a["p_defective"] == pytest.approx(b["p_defective"], abs=1e-5)

@@ -77,9 +77,10 @@ def quality_risk_scores(
     """QRS per image at each threshold (B x T), from one pass over the maps: the threshold sweep.
 
     Column t equals ``quality_risk_score`` at ``thresholds[t]`` up to rounding (sums in float64):
-    each pixel of R is put in the bucket of the thresholds it reaches (pixels outside R are set to
-    0, below every tau > 0), the buckets are summed per image, and the sum over tau_t is the sum
-    of the buckets at and above it. One pass instead of one per threshold.
+    each pixel of R that reaches the lowest threshold (pixels outside R are set to 0, below every
+    tau > 0) is put in the bucket of the thresholds it reaches, the buckets are summed per image,
+    and the sum over tau_t is the sum of the buckets at and above it. One pass instead of one per
+    threshold, and only over the pixels that count.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -96,9 +97,12 @@ def quality_risk_scores(
         values = torch.where(region, m, 0).reshape(b, -1)
         n_roi = region.sum(dim=(1, 2)).to(torch.float64)
     levels, order = torch.sort(torch.tensor([float(t) for t in thresholds], dtype=m.dtype, device=m.device))
-    bucket = torch.bucketize(values, levels, right=True)
-    weights = values.to(torch.float64) if aggregation == "mass" else torch.ones_like(values, dtype=torch.float64)
-    sums = torch.zeros(b, len(levels) + 1, dtype=torch.float64, device=m.device).scatter_add_(1, bucket, weights)
+    image, pixel = torch.nonzero(values >= levels[0], as_tuple=True)
+    over = values[image, pixel]
+    bucket = torch.bucketize(over, levels, right=True)
+    weights = over.to(torch.float64) if aggregation == "mass" else torch.ones_like(over, dtype=torch.float64)
+    sums = torch.zeros(b, len(levels) + 1, dtype=torch.float64, device=m.device)
+    sums.index_put_((image, bucket), weights, accumulate=True)
     at_or_above = sums.flip(1).cumsum(1).flip(1)[:, 1:]
     out = torch.empty_like(at_or_above)
     out[:, order] = at_or_above
