@@ -85,9 +85,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"a `qrs analyze` process also imports for {imports:.2f} s: +{100 * (full - base) / (base + imports):.1f}% "
           "of the command's time")
 
+    k = args.deletion_parts
+    if k < 1:
+        return
     model = load_checkpoint(model_path)
     split = PreparedDataset(work / "data").split("test", with_masks=False)
-    k = args.deletion_parts
     raw = torch.from_numpy(mo.raw_maps[:k])
     start = time.perf_counter()
     deletion_drops(model, torch.utils.data.Subset(split, range(k)), raw, mo.rows["p_defective"].to_numpy()[:k],
