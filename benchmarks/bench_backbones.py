@@ -115,14 +115,19 @@ def _value(text: str) -> int | float | str:
 
 def print_table(title: str, results: dict[str, list[dict[str, float | None]]], columns: tuple[str, ...]) -> None:
     """One row per configuration: mean +- std over its seeds of each column."""
+    width = max(len("config"), *map(len, results))
+
+    def row(first: str, cells: list[str]) -> str:
+        return f"{first:<{width}}" + "".join(f" {c:>19}" for c in cells)
+
     print(f"\n{title}")
-    print(f"{'config':<64}" + "".join(f" {c:>19}" for c in columns))
+    print(row("config", list(columns)))
     for config, runs in results.items():
         cells = []
         for c in columns:
             values = np.array([r[c] for r in runs if r.get(c) is not None], dtype=np.float64)
             cells.append(f"{values.mean():.3g} +- {values.std():.2g}" if values.size else "-")
-        print(f"{config:<64}" + "".join(f" {c:>19}" for c in cells), flush=True)
+        print(row(config, cells), flush=True)
 
 
 def run_all(data: Path, work: Path, configs: list[str], seeds: list[int], epochs: int, *, deletion: bool = False,
