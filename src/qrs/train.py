@@ -185,7 +185,7 @@ def resolve_mask_loss(cfg: TrainConfig, data: PreparedDataset) -> tuple[str, str
     """The mask term this run uses, ``energy`` or ``none``, and the line that says why.
 
     ``auto`` (the default) is ``energy`` when some defective training image has a mask or boxes
-    (measured: docs/architecture.md, "Mask guidance"), else ``none``.
+    (measured: docs/architecture.md, "Mask guidance (measured)"), else ``none``.
     """
     if cfg.mask_loss not in ("auto", "none", "energy"):
         raise QrsError(f"unknown --mask-loss {cfg.mask_loss!r}; expected auto, none or energy")
