@@ -387,3 +387,27 @@ def test_lite0_compat_matches_grad_cam_package(lite0: nn.Module, images: Tensor)
     ours = compute_cams(lite0, images, compat=True)
     assert expected.max() == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(ours.maps.numpy(), expected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- finer maps: output stride 16 and 8
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+@pytest.mark.parametrize(("arch", "layer"), [("resnet18", "layer4"), ("resnet50", "layer4"),
+                                             ("efficientnet_lite0", "bn2")])
+def test_dilated_models_closed_form_and_compat(arch: str, layer: str, output_stride: int) -> None:
+    torch.manual_seed(0)
+    net = build_model(arch, output_stride=output_stride).eval()
+    x = torch.randn(2, 3, 64, 96)
+    fast = compute_cams(net, x)
+    general = compute_cams(Wrapped(net).eval(), x, layer=f"net.{layer}")
+    assert gap_linear(net) is not None
+    assert fast.raw.shape == (2, 64 // output_stride, 96 // output_stride) and fast.raw.abs().max() > 0
+    torch.testing.assert_close(fast.raw, general.raw, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.maps, general.maps, atol=1e-5, rtol=0)
+    with GradCAMPlusPlus(net, target_layers=[net.get_submodule(layer)]) as cam:
+        expected = cam(x, targets=[ClassifierOutputTarget(1)] * 2)
+    net.zero_grad(set_to_none=True)
+    ours = compute_cams(net, x, compat=True)
+    assert ours.maps.shape == expected.shape == (2, 64, 96)
+    np.testing.assert_allclose(ours.maps.numpy(), expected, atol=1e-4, rtol=0)

@@ -118,7 +118,8 @@ def test_metadata_says_how_to_reproduce_a_row(case: Case) -> None:
     cal = meta["calibration"]
     assert props["qrs_format"] == "qrs-onnx" and props["qrs_format_version"] == "1"
     assert props["qrs_version"] == __version__ and props["checkpoint_qrs_version"] == meta["qrs_version"]
-    assert (props["arch"], props["img_size"], props["resize"]) == (case.arch, str(PARITY_SIDE), "stretch")
+    assert (props["arch"], json.loads(props["img_size"]), props["resize"]) == (case.arch, [PARITY_SIDE] * 2, "stretch")
+    assert json.loads(props["output_stride"]) == 32
     assert json.loads(props["class_names"]) == ["non-defective", "defective"]
     assert json.loads(props["normalization"]) == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     assert (props["input"], props["input_layout"], props["input_dtype"]) == ("images", "NHWC", "uint8")
@@ -182,7 +183,7 @@ def test_the_cli_exports_and_says_how_close_it_came(exported: Exported, tmp_path
                                       str(tmp_path / "m.onnx"), "--batch", "2", "--resize", "pad"])
     assert result.exit_code == 0, result.output
     first, second = result.stdout.strip().splitlines()  # the progress bar is on stderr
-    assert first.startswith(f"exported resnet18 ({EXPORT_SIDE} px, calibrated) to {tmp_path / 'm.onnx'} (")
+    assert first.startswith(f"exported resnet18 ({EXPORT_SIDE}x{EXPORT_SIDE} px, calibrated) to {tmp_path / 'm.onnx'} (")
     assert first.endswith(" MB, opset 18, batch 2); outputs: logits, p_defective, raw_map, map, normalized_map, qrs")
     assert second.startswith("checked with ONNX Runtime against PyTorch on 2 random images: p_defective within ")
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}

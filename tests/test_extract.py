@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qrs.cam import compute_cams
-from qrs.cli import app
+from qrs.cli import _expand_multi_value_options, app
 from qrs.data.dataset import PreparedDataset
 from qrs.data.preparation import prepare
 from qrs.errors import QrsError
@@ -152,7 +152,7 @@ def test_paper_extract_command_line_and_file_contents(prepared_small: Path, chec
             "--output_prefix", "gradcam_weights", "--excel_prefix", "over_0.9_weights", "--modes", '["train", "test"]',
             "--batch_size", "7", "--num_workers", "0", "--threshold", "0.9", "--img_size", "32", "32",
             "--out-dir", str(out), "--device", "cpu"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, _expand_multi_value_options(args))  # what `qrs` (main) does with argv
     assert result.exit_code == 0, result.output
     assert "has no calibration: calibrating it for gradcam++ at threshold 0.9 first (anchor good)" in result.output
     scale = read_checkpoint(checkpoint)["meta"]["calibration"]["scale"]
@@ -191,7 +191,7 @@ def test_coords_file_overrides_the_roi(prepared_small: Path, checkpoint: Path, t
     with np.load(tmp_path / "o" / "gradcam_weights_test.npz") as npz:
         bits = npz["roi_bits"]
     assert bits.shape == (len(split), 32 * 32 // 8) and bits.dtype == np.uint8
-    stored = unpack_roi(bits, 32)
+    stored = unpack_roi(bits, (32, 32))
     assert torch.equal(stored, torch.stack([split[i]["roi"] for i in range(len(split))]))
     assert stored[:, :, :16].all() and not stored[:, :, 16:].any()
     assert torch.equal(pack_roi(stored), torch.from_numpy(bits))
@@ -218,7 +218,8 @@ def test_bad_inputs_stop_with_clear_messages(prepared_small: Path, ksdd2_raw: Pa
                                              tmp_path: Path) -> None:
     other = tmp_path / "p48"
     prepare("ksdd2", ksdd2_raw, other, img_size=48, progress=False)
-    with pytest.raises(QrsError, match="trained on 32x32 images but .* holds 48x48"):
+    with pytest.raises(QrsError, match=r"trained on 32x32 images \(height x width\) but .* holds 48x48 images; "
+                                       "prepare the data with --img-size 32 32"):
         extract(other, checkpoint, out_dir=tmp_path, device="cpu", progress=False)
     no_val = tmp_path / "noval"
     prepare("ksdd2", ksdd2_raw, no_val, img_size=32, val_fraction=0.0, progress=False)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from qrs.errors import QrsError
 from qrs.model import (
-    CheckpointError, base_meta, build_model, lite0_state_from_packaged, load_checkpoint, normalize, read_checkpoint,
-    save_checkpoint, update_checkpoint_meta,
+    CheckpointError, base_meta, build_model, lite0_state_from_packaged, load_checkpoint, model_output_stride,
+    model_size, normalize, read_checkpoint, save_checkpoint, update_checkpoint_meta,
 )
 
 
@@ -135,3 +135,65 @@ def test_lite0_for_two_classes_keeps_the_imagenet_backbone_and_round_trips(tmp_p
     assert torch.equal(from_file.conv_head.weight, reference["conv_head.weight"])
     with pytest.raises(CheckpointError, match="holds a efficientnet_lite0 model, not the resnet18"):
         load_checkpoint(tmp_path / "lite.pt", arch="resnet18")
+
+
+# ---------------------------------------------------------------- output stride 16 / 8 (dilated last stages)
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_dilated_bottleneck_resnet_is_torchvisions_own(output_stride: int) -> None:
+    torch.manual_seed(0)
+    ours = build_model("resnet50", output_stride=output_stride).eval()
+    reference = torchvision.models.resnet50(num_classes=2, replace_stride_with_dilation=[False, output_stride == 8, True])
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 96, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), reference.eval()(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_dilated_basicblock_resnet_is_timms_and_keeps_its_weights(output_stride: int) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    plain = build_model("resnet18")
+    ours = build_model("resnet18", output_stride=output_stride).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    reference = timm.create_model("resnet18", num_classes=2, output_stride=output_stride)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 96, 64)
+    with torch.inference_mode():
+        features = ours.layer4(ours.layer3(ours.layer2(ours.layer1(ours.maxpool(ours.relu(ours.bn1(ours.conv1(x))))))))
+        torch.testing.assert_close(ours(x), reference.eval()(x), atol=0, rtol=0)
+    assert features.shape[-2:] == (96 // output_stride, 64 // output_stride)
+
+
+@pytest.mark.parametrize("output_stride", [32, 16, 8])
+def test_lite0_grid_follows_the_output_stride(output_stride: int) -> None:
+    model = build_model("efficientnet_lite0", output_stride=output_stride).eval()
+    with torch.inference_mode():
+        assert model.forward_features(torch.zeros(1, 3, 224, 160)).shape[-2:] == (224 // output_stride,
+                                                                                   160 // output_stride)
+
+
+def test_output_stride_is_recorded_and_rebuilt_and_old_checkpoints_read_as_32(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", output_stride=16)
+    save_checkpoint(tmp_path / "s16.pt", model, base_meta("resnet18", (64, 96), output_stride=16))
+    loaded = load_checkpoint(tmp_path / "s16.pt")
+    assert loaded.qrs_meta["output_stride"] == 16 and loaded.qrs_meta["img_size"] == [64, 96]
+    assert loaded.layer4[0].conv1.stride == (1, 1) and loaded.layer4[1].conv2.dilation == (2, 2)
+    old = base_meta("resnet18", 32)
+    del old["output_stride"]
+    old["img_size"] = 32  # how checkpoints were written before sizes had a height and a width
+    save_checkpoint(tmp_path / "old.pt", build_model("resnet18"), old)
+    reloaded = load_checkpoint(tmp_path / "old.pt")
+    assert model_output_stride(reloaded.qrs_meta) == 32 and model_size(reloaded.qrs_meta) == (32, 32)
+    assert reloaded.layer4[0].conv1.stride == (2, 2)
+
+
+@pytest.mark.parametrize("output_stride", [0, 4, 64, 12])
+def test_a_stride_no_arch_takes_is_a_clear_error(output_stride: int) -> None:
+    for arch in ("resnet18", "efficientnet_lite0"):
+        with pytest.raises(QrsError, match=rf"^--output-stride must be one of 32, 16, 8, got {output_stride}$"):
+            build_model(arch, output_stride=output_stride)

@@ -36,14 +36,20 @@ def test_repeat_runs_every_seed_tabulates_them_and_skips_finished_seeds(prepared
         assert (run / "report" / "report.html").is_file() and (run / "extract" / "gradcam_weights_test.npz").is_file()
         metrics = json.loads((run / "run" / "metrics.json").read_text())
         test = json.loads((run / "report" / "stats.json").read_text())["modes"]["test"]
-        per_seed[seed] = [metrics["best_loss.pt"]["f1"], metrics["best_acc.pt"]["f1"], metrics["best_loss.pt"]["auroc"],
-                          test["qrs"]["auroc"], test["qrs"]["mann_whitney_p"], test["localisation"]["pointing_game"]]
+        extract = pd.read_csv(run / "extract" / "gradcam_weights_test.csv")
+        good = extract.loc[extract["label"] == 0, "qrs"]
+        defective = extract[extract["label"] == 1]
+        per_seed[seed] = [metrics["best_loss.pt"]["f1"], metrics["best_acc.pt"]["f1"], metrics["best_loss.pt"]["ap"],
+                          metrics["best_loss.pt"]["auroc"], test["qrs"]["auroc"], test["qrs"]["mann_whitney_p"],
+                          (good == 0).mean(), defective["pointing_hit"].mean(), defective["energy_in_boxes"].mean(),
+                          defective["iou"].mean(), np.nan, pd.read_csv(run / "run" / "log.csv")["time_s"].mean()]
     table = pd.read_csv(out / "repeat.csv", index_col="seed")
     assert list(table.index) == ["3", "5", "mean", "std"] and list(table.columns) == list(REPEAT_COLUMNS)
     values = np.array([per_seed[3], per_seed[5]], dtype=float)
     np.testing.assert_allclose(table.loc[["3", "5"]].to_numpy(dtype=float), values)
     np.testing.assert_allclose(table.loc["mean"].to_numpy(dtype=float), values.mean(axis=0))
     np.testing.assert_allclose(table.loc["std"].to_numpy(dtype=float), values.std(axis=0, ddof=1))
+    assert table["deletion_area"].isna().all()  # no --faithfulness
     saved = json.loads((out / "repeat.json").read_text())
     assert saved["seeds"] == [3, 5] and saved["mean"]["f1_best_loss"] == pytest.approx(values[:, 0].mean())
     assert "=== seed 3 (1/2) ->" in result.output and "=== seed 5 (2/2) ->" in result.output

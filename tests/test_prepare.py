@@ -316,7 +316,7 @@ def test_overwrite_replaces_and_interrupted_run_leaves_nothing(ksdd2_raw: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
     monkeypatch.setattr(prepare_module, "process_record", real)
     prepare("ksdd2", ksdd2_raw, out, img_size=32, overwrite=True, progress=False)
-    assert PreparedDataset(out).img_size == 32
+    assert PreparedDataset(out).img_size == (32, 32)
 
 
 def test_two_workers_give_the_same_dataset(ksdd2_raw: Path, tmp_path: Path) -> None:

@@ -67,12 +67,12 @@ def test_tampered_metadata(exported: Exported, tmp_path: Path) -> None:
         OnnxBackend.load(incomplete)
     assert str(exc.value) == f"{incomplete}: its qrs metadata is incomplete or unreadable (KeyError('qrs_meta'))"
     meta = onnx.load(str(exported.onnx)).metadata_props
-    qrs_meta = next(p.value for p in meta if p.key == "qrs_meta").replace(f'"img_size": {SIDE}', '"img_size": 48')
+    qrs_meta = next(p.value for p in meta if p.key == "qrs_meta").replace(f'"img_size": [{SIDE}, {SIDE}]', '"img_size": [48, 40]')
     resized = tampered(exported.onnx, tmp_path / "resized.onnx", qrs_meta=qrs_meta)
     with pytest.raises(OnnxModelError) as exc:
         OnnxBackend.load(resized)
     assert str(exc.value) == (f"{resized}: the graph's input (images tensor(uint8) ['batch', {SIDE}, {SIDE}, 3]) is "
-                              "not the uint8 B x 48 x 48 x 3 'images' its metadata describes")
+                              "not the uint8 B x 48 x 40 x 3 'images' its metadata describes")
 
 
 def test_images_the_graph_does_not_take(exported: Exported) -> None:

@@ -107,7 +107,7 @@ def test_health_and_page_routes(client: TestClient) -> None:
 def test_model_route(client: TestClient, checkpoint: Path) -> None:
     info = client.get("/v1/model").json()
     calibration = load_checkpoint(checkpoint).qrs_meta["calibration"]
-    assert info["arch"] == "resnet18" and info["img_size"] == SIDE and info["threshold"] == 0.9
+    assert info["arch"] == "resnet18" and info["img_size"] == [SIDE, SIDE] and info["output_stride"] == 32 and info["threshold"] == 0.9
     assert info["scale"] == pytest.approx(calibration["scale"]) and info["risk_cuts"] == RISK_CUTS
     assert info["calibrated"] is True and info["qrs_version"] == __version__ and info["resize"] == "stretch"
     assert info["backend"] == "torch"

@@ -34,7 +34,7 @@ def test_tiny_run_writes_three_loadable_checkpoints_and_a_log(prepared_small: Pa
     result = train(_config(prepared_small, tmp_path / "run"))
     for path in (result.best_loss_path, result.best_acc_path, result.last_path):
         model = load_checkpoint(path)
-        assert model.qrs_meta["img_size"] == 32 and model.qrs_meta["arch"] == "resnet18"
+        assert model.qrs_meta["img_size"] == [32, 32] and model.qrs_meta["output_stride"] == 32 and model.qrs_meta["arch"] == "resnet18"
     log = pd.read_csv(tmp_path / "run" / "log.csv")
     assert list(log["epoch"]) == [1, 2]
     assert set(log.columns) >= {"train_loss", "val_loss", "val_acc", "val_f1", "time_s"}
@@ -77,10 +77,14 @@ def test_resume_after_a_crash_in_epoch_3_gives_the_same_weights(prepared_small: 
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
 
 
-def test_resume_refuses_another_arch(prepared_small: Path, tmp_path: Path) -> None:
+def test_resume_refuses_another_arch_or_output_stride(prepared_small: Path, tmp_path: Path) -> None:
     train(_config(prepared_small, tmp_path / "run", num_epochs=1))
-    with pytest.raises(Exception, match="another arch or dataset"):
-        train(_config(prepared_small, tmp_path / "run", arch="resnet34", num_epochs=2, resume=True))
+    refusal = (f"{tmp_path / 'run' / 'last.pt'} was trained with another arch, dataset, image size or output stride "
+               "(resnet18, 32x32 px, stride 32); cannot resume from it")
+    for change in ({"arch": "resnet34"}, {"output_stride": 16}):
+        with pytest.raises(QrsError) as exc:
+            train(_config(prepared_small, tmp_path / "run", num_epochs=2, resume=True, **change))
+        assert str(exc.value) == refusal
 
 
 def test_same_seed_same_checkpoint(prepared_small: Path, tmp_path: Path) -> None:

@@ -15,7 +15,14 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 POINTING_TOLERANCE_AT_224 = 15.0
-"""Pointing-game tolerance in pixels at 224 x 224 (scaled with the side at other sizes)."""
+"""Pointing-game tolerance in pixels at 224 x 224 (scaled with the image size at other sizes)."""
+
+
+def tolerance_px(height: int, width: int) -> float:
+    """The pointing-game tolerance (and the mask term's default dilation) at an H x W input: 15 px at
+    224 x 224, scaled with sqrt(H W), the side of a square of the same area, so that it is the same
+    share of the image at every size and does not depend on the aspect ratio."""
+    return POINTING_TOLERANCE_AT_224 * math.sqrt(height * width) / 224.0
 
 
 def _finite(value: float) -> float | None:
@@ -56,11 +63,11 @@ def localisation(maps: Tensor, normalized: Tensor, defect: Tensor, boxes: Tensor
 
     maps: B x H x W raw maps (the peak is their argmax); normalized: M in [0, 1]; defect: the defect
     mask; boxes: the rasterised defect boxes. Returns ``pointing_hit`` (1.0 when the peak lies within
-    15/224 of the side of the defect mask), ``energy_in_boxes`` (share of sum M inside the boxes)
+    :func:`tolerance_px` of the defect mask), ``energy_in_boxes`` (share of sum M inside the boxes)
     and ``iou`` of {M >= tau} with the defect mask.
     """
     b, h, w = maps.shape
-    tol = POINTING_TOLERANCE_AT_224 * max(h, w) / 224.0
+    tol = tolerance_px(h, w)
     flat = maps.reshape(b, -1).argmax(dim=1)
     peak_y, peak_x = (flat // w).float(), (flat % w).float()
     ys = torch.arange(h, device=maps.device, dtype=torch.float32).view(1, h, 1)

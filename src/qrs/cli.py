@@ -61,8 +61,11 @@ def prepare(
     src: Annotated[Path, typer.Option(help="Root directory of the raw dataset.")],
     out: Annotated[Path, typer.Option(help="Directory of the prepared dataset to create.")],
     format: Annotated[Format, typer.Option("--format", help="Raw layout.")] = "ksdd2",
-    img_size: Annotated[int, typer.Option(help="Side of the square prepared images, in pixels.")] = 224,
-    resize: Annotated[ResizeMode, typer.Option(help="stretch (the paper's) or pad (keep the aspect ratio, letterbox).")] = "stretch",
+    img_size: Annotated[list[int], typer.Option(help="Size of the prepared images in pixels: H W (height width), "
+                                                     "or one number for a square.")] = [224],
+    resize: Annotated[ResizeMode, typer.Option(help="stretch (the paper's: every image resized to H x W) or pad "
+                                                    "(fit inside H x W keeping the aspect ratio, centred on "
+                                                    "black).")] = "stretch",
     roi: Annotated[str, typer.Option(help="Region of interest: full (whole image), auto (Otsu: the part against "
                                           "its background) or a JSON FILE of relative boxes/polygons per image id (or one list for every image).")] = "full",
     val_fraction: Annotated[float, typer.Option(help="Share of the training images held out for validation "
@@ -87,8 +90,8 @@ def prepare(
 ) -> None:
     """Prepare a raw dataset (KSDD2, Sensum SODF or your own folders) for training.
 
-    Writes square RGB images, masks, relative ROI/defect coordinates, an index with stratified
-    splits, and metadata.
+    Writes RGB images of one size (H x W), masks, relative ROI/defect coordinates, an index with
+    stratified splits, and metadata.
     """
     from qrs.data.preparation import prepare as run_prepare
 
@@ -120,6 +123,10 @@ def train(
                                                                "(default: OUT/best_acc.pt)")] = None,
     arch: Annotated[Arch, typer.Option(help="torchvision ResNet (the paper uses resnet50) or timm's "
                                             "efficientnet_lite0 (its ImageNet weights come installed).")] = "resnet50",
+    output_stride: Annotated[int, typer.Option(help="Input pixels per cell of the explained map: 32 (the "
+                                                    "backbone's own, the paper's; 7 x 7 at 224 px), 16 or 8 (the "
+                                                    "last stage(s) dilated: a 14 x 14 or 28 x 28 map at 224 px, "
+                                                    "same weights, more compute).")] = 32,
     pretrained: Annotated[Pretrained, typer.Option(help="Start from ImageNet weights (ResNets: downloaded by "
                                                         "torchvision; efficientnet_lite0: from the installed "
                                                         "package, offline) or from scratch.")] = "none",
@@ -163,7 +170,7 @@ def train(
     from qrs.train import TrainConfig, train as run_train
 
     result = run_train(TrainConfig(
-        data_root=data_root, out=out, arch=arch, pretrained=pretrained, weights=weights, num_epochs=num_epochs,
+        data_root=data_root, out=out, arch=arch, output_stride=output_stride, pretrained=pretrained, weights=weights, num_epochs=num_epochs,
         batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
         warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
         mask_loss=mask_loss, mask_weight=mask_weight, mask_warmup=mask_warmup, mask_dilate=mask_dilate,
@@ -285,7 +292,7 @@ def export(
 ) -> None:
     """Export the classifier with its Grad-CAM++ map and QRS as one ONNX graph, for ONNX Runtime on the line.
 
-    Input: uint8 images B x S x S x 3 (RGB, resized like the training data; normalisation inside). Outputs:
+    Input: uint8 images B x H x W x 3 (RGB, resized like the training data; normalisation inside). Outputs:
     logits, p_defective, raw_map, map, normalized_map, qrs. The calibration, threshold and risk cuts go into
     the model's metadata. The file is checked against PyTorch with ONNX Runtime before it is written.
     """
@@ -362,9 +369,10 @@ def extract(
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", help="Batch size (per process).")] = 32,
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
     threshold: ThresholdOpt = 0.9,
-    img_size: Annotated[Optional[tuple[int, int]], typer.Option("--img_size", "--img-size",
-                                                                help="Expected image size H W (checked against the "
-                                                                     "data and the model). (default: the data's)")] = None,
+    img_size: Annotated[Optional[list[int]], typer.Option("--img_size", "--img-size",
+                                                          help="Expected image size H W, or one number for a square "
+                                                               "(checked against the data and the model). (default: "
+                                                               "the data's)")] = None,
     method: MethodOpt = "gradcam++",
     norm: NormOpt = "dataset",
     aggregation: AggregationOpt = "mass",
@@ -440,6 +448,8 @@ def repeat(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Directory of the seeds' runs (OUT/seed-<k>) and of repeat.csv/json.")],
     seeds: Annotated[list[int], typer.Option(help="Training seeds, e.g. --seeds 0 1 2 3 4.")] = [0, 1, 2, 3, 4],
+    faithfulness: Annotated[bool, typer.Option(help="Run the deletion test (qrs analyze --faithfulness) on each "
+                                                    "seed's test split; its area goes into the table.")] = False,
 ) -> None:
     """Train, evaluate, calibrate, extract and analyze once per seed; a table of mean ± std over the seeds.
 
@@ -462,12 +472,17 @@ def repeat(
     if given:
         raise QrsError(f"qrs repeat sets {', '.join('--' + g for g in given)} itself (per seed, under --out): "
                        "leave them out of the train options")
-    run_repeat(TrainConfig(**parsed.params), list(seeds), out)
+    run_repeat(TrainConfig(**parsed.params), list(seeds), out, faithfulness=faithfulness)
 
 
-def _expand_multi_value_options(argv: list[str], names: tuple[str, ...] = ("--modes", "--seeds")) -> list[str]:
+MULTI_VALUE_OPTIONS = ("--modes", "--seeds", "--img-size", "--img_size")
+"""Options that take several values after one flag."""
+
+
+def _expand_multi_value_options(argv: list[str], names: tuple[str, ...] = MULTI_VALUE_OPTIONS) -> list[str]:
     """``--modes train test`` (the paper's spelling) -> ``--modes train --modes test``; the same for
-    ``--seeds``. Nothing after ``--`` changes (``qrs repeat``'s train options)."""
+    ``--seeds`` and ``--img-size H W`` (a negative number is a value, so that it reaches the size check).
+    Nothing after ``--`` changes (``qrs repeat``'s train options)."""
     out: list[str] = []
     current = None
     for k, arg in enumerate(argv):
@@ -475,7 +490,7 @@ def _expand_multi_value_options(argv: list[str], names: tuple[str, ...] = ("--mo
             return out + argv[k:]
         if arg in names:
             current = arg
-        elif arg.startswith("-"):
+        elif arg.startswith("-") and not arg[1:].isdigit():
             current = None
         elif current is not None and out[-1] != current:
             out.append(current)

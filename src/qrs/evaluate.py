@@ -29,7 +29,7 @@ from qrs.bootstrap import CLASSIFICATION_METRICS, BootstrapOptions, classificati
 from qrs.data.dataset import PreparedDataset
 from qrs.data.split_dataset import SplitDataset
 from qrs.errors import QrsError
-from qrs.model import load_checkpoint, normalize, resolve_device
+from qrs.model import check_data_size, load_checkpoint, normalize, resolve_device
 
 
 @torch.inference_mode()
@@ -101,8 +101,7 @@ def evaluate(data_root: str | os.PathLike[str], models: list[str | os.PathLike[s
     rows = []
     for path, name in zip(models, names):
         model = load_checkpoint(path, device=dev)
-        if model.qrs_meta["img_size"] != data.img_size:
-            raise QrsError(f"{path} was trained on {model.qrs_meta['img_size']} px images, the data is {data.img_size} px")
+        check_data_size(model.qrs_meta, data.img_size, data.root, model_name=str(path))
         p_test = predict(model, test_set, batch_size=batch_size, num_workers=num_workers, progress=progress)
         threshold = None
         if val_set is not None:

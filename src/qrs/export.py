@@ -26,6 +26,7 @@ from qrs.cam import gap_linear
 from qrs.choices import EXPORT_FORMATS
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
+from qrs.images import Size, size_text
 from qrs.model import load_checkpoint
 from qrs.predict import Scorer
 from qrs.runtime import FORMAT_TAG, FORMAT_VERSION, INPUT, OUTPUTS, OnnxBackend, OnnxModelError, require
@@ -53,7 +54,7 @@ def parse_batch(value: str | int) -> int | None:
 
 
 class ScoringGraph(nn.Module):
-    """What is exported: uint8 B x S x S x 3 RGB images (NHWC, resized like the training data) ->
+    """What is exported: uint8 B x H x W x 3 RGB images (NHWC, resized like the training data) ->
     the :data:`qrs.runtime.OUTPUTS`, through :func:`qrs.extract.score_batch` with a calibration scale
     and options (a :class:`qrs.predict.Scorer`'s) and the whole image as ROI. The ImageNet
     normalisation is inside (:func:`qrs.model.normalize`)."""
@@ -91,7 +92,7 @@ class ExportResult:
     path: Path
     n_bytes: int
     arch: str
-    img_size: int
+    img_size: Size
     batch: int | None
     opset: int
     calibrated: bool
@@ -101,7 +102,7 @@ class ExportResult:
     def headline(self) -> str:
         """Two lines for the CLI: what was written, and how close ONNX Runtime came to PyTorch."""
         dev = self.deviations
-        return (f"exported {self.arch} ({self.img_size} px, {'calibrated' if self.calibrated else 'not calibrated'}) "
+        return (f"exported {self.arch} ({size_text(self.img_size)} px, {'calibrated' if self.calibrated else 'not calibrated'}) "
                 f"to {self.path} ({self.n_bytes / 1e6:.1f} MB, opset {self.opset}, batch "
                 f"{'dynamic' if self.batch is None else self.batch}); outputs: {', '.join(OUTPUTS)}\n"
                 f"checked with ONNX Runtime against PyTorch on {self.n_checked} random images: p_defective within "
@@ -146,9 +147,8 @@ def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLik
                        "map needs a backward pass at run time, which the exported graph does not have")
     scorer = Scorer(model, resize=resize)
     graph = ScoringGraph(model, scorer.scale, scorer.options).eval()
-    side = scorer.side
     generator = np.random.default_rng(0)
-    example = torch.from_numpy(generator.integers(0, 256, (batch or CHECK_IMAGES, side, side, 3), dtype=np.uint8))
+    example = torch.from_numpy(generator.integers(0, 256, (batch or CHECK_IMAGES, *scorer.size, 3), dtype=np.uint8))
     deviations: dict[str, float] = {}
     with tqdm(total=2, desc="export: trace", unit="step", disable=not progress) as bar:
         program = torch.onnx.export(
@@ -178,5 +178,5 @@ def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLik
         write_with(out, write)
         bar.update()
     out = Path(out)
-    return ExportResult(out, out.stat().st_size, str(scorer.meta["arch"]), side, batch, opset,
+    return ExportResult(out, out.stat().st_size, str(scorer.meta["arch"]), scorer.size, batch, opset,
                         bool(scorer.meta.get("calibration")), len(example), deviations)

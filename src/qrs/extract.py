@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ from qrs.data.dataset import PreparedDataset
 from qrs.data.split_dataset import SplitDataset
 from qrs.distributed import DistContext, all_gather_objects, init_distributed, main_first, shard_indices
 from qrs.errors import QrsError
-from qrs.model import load_checkpoint, normalize, update_checkpoint_meta
+from qrs.images import Size, as_size, size_text
+from qrs.memory import check_fits, scoring_need
+from qrs.model import check_data_size, load_checkpoint, model_output_stride, normalize, update_checkpoint_meta
 from qrs.score import (AGGREGATIONS, DEFAULT_QUANTILE, NORMS, calibration_scale, normalize_maps, qrs_details,
                        risk_cuts)
 
@@ -67,7 +70,7 @@ class ScoreOptions:
 
 
 def model_cams(model: nn.Module, images: Tensor, options: ScoreOptions) -> CamResult:
-    """The forward pass of the scoring path: uint8 B x 3 x S x S images -> logits, raw and full-size maps."""
+    """The forward pass of the scoring path: uint8 B x 3 x H x W images -> logits, raw and full-size maps."""
     device = next(model.parameters()).device
     return compute_cams(model, normalize(images.to(device), model.qrs_meta), method=options.method,
                         compat=options.compat)
@@ -92,7 +95,7 @@ def score_maps(cams: CamResult, roi: Tensor | None, *, scale: float | None, opti
 def score_batch(model: nn.Module, images: Tensor, roi: Tensor | None, *, scale: float | None,
                 options: ScoreOptions) -> dict[str, Tensor]:
     """The one scoring path (extract, ``qrs score``, the service and the exported ONNX graph): uint8
-    B x 3 x S x S images -> logits, p_defective, prediction, raw maps, full-size maps, M and the
+    B x 3 x H x W images -> logits, p_defective, prediction, raw maps, full-size maps, M and the
     section 4 outputs, from one forward pass."""
     return score_maps(model_cams(model, images, options), roi, scale=scale, options=options)
 
@@ -120,14 +123,21 @@ def _build_caches(data: PreparedDataset, splits: list[str], ctx: DistContext, pr
             data.image_cache(split, progress=progress and ctx.is_main)
 
 
-def _check_sizes(model: nn.Module, data: PreparedDataset, img_size: tuple[int, int] | None) -> None:
-    trained = int(model.qrs_meta["img_size"])
-    if trained != data.img_size:
-        raise QrsError(f"the model was trained on {trained}x{trained} images but {data.root} holds "
-                       f"{data.img_size}x{data.img_size} images; prepare the data with --img-size {trained}")
-    if img_size is not None and tuple(img_size) != (data.img_size, data.img_size):
-        raise QrsError(f"--img_size {img_size[0]} {img_size[1]} differs from the prepared data's "
-                       f"{data.img_size}x{data.img_size} (and the model's)")
+def check_model_data(model: nn.Module, data: PreparedDataset, img_size: Sequence[int] | None = None) -> None:
+    """The model was trained at the prepared data's size (height x width), and so does ``--img_size``
+    say when given (one side for a square, or H W)."""
+    check_data_size(model.qrs_meta, data.img_size, data.root)
+    if img_size is not None and as_size(img_size) != data.img_size:
+        raise QrsError(f"--img_size {' '.join(map(str, img_size))} differs from the prepared data's "
+                       f"{size_text(data.img_size)} (height x width, and the model's)")
+
+
+def _check_scoring(model: nn.Module, data: PreparedDataset, img_size: Sequence[int] | None, batch_size: int,
+                   ctx: DistContext) -> None:
+    """Sizes agree (:func:`check_model_data`) and a batch of ``batch_size`` fits in memory."""
+    check_model_data(model, data, img_size)
+    check_fits(scoring_need(model, data.img_size), batch_size, what=f"scoring with {model.qrs_meta['arch']}",
+               size=data.img_size, device=ctx.device)
 
 
 @torch.no_grad()
@@ -211,7 +221,7 @@ def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[
         raise QrsError(f"--quantile must be in (0, 1], got {quantile:g}")
     model = load_checkpoint(model_path, device=ctx.device)
     data = PreparedDataset(data_root)
-    _check_sizes(model, data, None)
+    _check_scoring(model, data, None, batch_size, ctx)
     split, indices, note = _anchor_parts(data, anchor)
     has_val = bool((data.index["split"] == "val").any())
     _build_caches(data, ["train", "val"] if has_val else ["train"], ctx, progress)
@@ -267,14 +277,15 @@ def _score_split(model: nn.Module, dataset: SplitDataset, ctx: DistContext, scal
 
 
 def pack_roi(roi: Tensor) -> Tensor:
-    """B x S x S bool ROI masks -> B x ceil(S*S / 8) uint8, one bit per pixel (``np.packbits``), for the npz."""
+    """B x H x W bool ROI masks -> B x ceil(H*W / 8) uint8, one bit per pixel (``np.packbits``), for the npz."""
     return torch.from_numpy(np.packbits(roi.cpu().numpy().reshape(len(roi), -1), axis=1))
 
 
-def unpack_roi(bits: np.ndarray, side: int) -> Tensor:
-    """The inverse of :func:`pack_roi`: B x S x S bool masks on the prepared grid."""
-    flat = np.unpackbits(np.asarray(bits, dtype=np.uint8), axis=1, count=side * side)
-    return torch.from_numpy(flat.reshape(len(flat), side, side).astype(bool))
+def unpack_roi(bits: np.ndarray, size: Size) -> Tensor:
+    """The inverse of :func:`pack_roi`: B x H x W bool masks on the prepared grid of ``size`` (height, width)."""
+    height, width = size
+    flat = np.unpackbits(np.asarray(bits, dtype=np.uint8), axis=1, count=height * width)
+    return torch.from_numpy(flat.reshape(len(flat), height, width).astype(bool))
 
 
 def parse_modes(values: list[str]) -> list[str]:
@@ -313,7 +324,7 @@ def extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str]
             modes: list[str] = ("train", "test"), coords_path: str | os.PathLike[str] | None = None,
             output_prefix: str = "gradcam_weights", excel_prefix: str | None = None,
             out_dir: str | os.PathLike[str] = ".", options: ScoreOptions = ScoreOptions(), batch_size: int = 32,
-            num_workers: int = 0, img_size: tuple[int, int] | None = None, device: str = "auto",
+            num_workers: int = 0, img_size: Sequence[int] | None = None, device: str = "auto",
             progress: bool = True) -> ExtractResult:
     """Grad-CAM++ and QRS for every image of ``modes``; writes the npz, xlsx and csv of spec section 8.
 
@@ -327,12 +338,12 @@ def extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str]
 def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str], modes: list[str],
              coords_path: str | os.PathLike[str] | None, output_prefix: str, excel_prefix: str | None,
              out_dir: str | os.PathLike[str], options: ScoreOptions, batch_size: int, num_workers: int,
-             img_size: tuple[int, int] | None, progress: bool, ctx: DistContext) -> ExtractResult:
+             img_size: Sequence[int] | None, progress: bool, ctx: DistContext) -> ExtractResult:
     data = PreparedDataset(data_dir)
     modes = parse_modes(modes)
     coords = load_coords(coords_path) if coords_path else None
     model = load_checkpoint(model_path, device=ctx.device)
-    _check_sizes(model, data, img_size)
+    _check_scoring(model, data, img_size, batch_size, ctx)
     for mode in modes:
         data.rows(mode)
     scale = None
@@ -363,7 +374,8 @@ def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str
         frames[mode] = rows
         if ctx.is_main:
             meta = {"mode": mode, "arch": model.qrs_meta["arch"], "model_path": str(model_path),
-                    "data_dir": str(data_dir), "img_size": data.img_size, "scale": scale,
+                    "data_dir": str(data_dir), "img_size": list(data.img_size),
+                    "output_stride": model_output_stride(model.qrs_meta), "scale": scale,
                     "calibration": calibration_source(calibration) if calibration else None,
                     "mask_guidance": model.qrs_meta.get("mask_guidance"), **asdict(options),
                     "excel_prefix": excel_prefix, "output_prefix": output_prefix}

@@ -141,7 +141,7 @@ def deletion_drops(model: nn.Module, images: Dataset, raw_maps: Tensor, p_defect
                    desc: str = "deletion test") -> tuple[np.ndarray, np.ndarray]:
     """(MoRF, LeRF) drops of p_defective, each N x F: ``p_defective`` (the unperturbed parts' values)
     minus p_defective after removing each fraction, for every image of ``images`` (items with an
-    ``image``, uint8 3 x S x S, in the order of ``raw_maps``)."""
+    ``image``, uint8 3 x H x W, in the order of ``raw_maps``)."""
     fractions = check_fractions(fractions)
     n_f = len(fractions)
     device = next(model.parameters()).device

@@ -4,27 +4,31 @@ lie on the defect. Tensors in, tensors out.
 For a defective training image with a mask, C is the Grad-CAM++ map of class 1 on the target
 layer's h x w grid in closed form (:func:`qrs.cam.closed_form_cam`: differentiable in the
 activations and the linear weights, no second backward pass). D is the defect mask dilated by
-``dilate`` pixels (a square neighbourhood of that radius, scaled from 15 px at 224 with the image
-side), and a grid cell is inside when any pixel of D falls in it. The energy loss is
+``dilate`` pixels (a square neighbourhood of that radius, scaled from 15 px at 224 x 224 with the
+image size), and a grid cell is inside when any pixel of D falls in it. The energy loss is
 ``1 - sum_inside C / (sum C + 1e-6)``, averaged over the masked defective images of the batch, and
 its weight ramps up linearly from 0 over the first part of training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qrs.analysis import POINTING_TOLERANCE_AT_224
+from qrs.analysis import tolerance_px
+from qrs.images import as_size
 
 ENERGY_EPS = 1e-6
 """Keeps the energy share defined where the map is zero everywhere."""
 
 
-def default_dilation(img_size: int) -> int:
-    """The dilation radius in pixels: 15 px at 224 (the pointing game's tolerance), scaled with the side."""
-    return round(POINTING_TOLERANCE_AT_224 * img_size / 224)
+def default_dilation(img_size: int | Sequence[int]) -> int:
+    """The dilation radius in pixels at an image size (one side, or (height, width)): the pointing
+    game's tolerance, 15 px at 224 x 224 scaled with the size (:func:`qrs.analysis.tolerance_px`)."""
+    return round(tolerance_px(*as_size(img_size)))
 
 
 def grid_mask(defect: Tensor, grid: tuple[int, int], dilate: int) -> Tensor:

@@ -7,7 +7,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -115,23 +115,62 @@ def open_mask(path: str | os.PathLike[str]) -> Image.Image:
     return Image.fromarray(np.where(arr > 0, 255, 0).astype(np.uint8))
 
 
-def pad_geometry(width: int, height: int, side: int) -> tuple[float, float, float]:
-    """Scale and offsets (scale, off_x, off_y) of the ``pad`` resize into a ``side`` square."""
-    scale = side / max(width, height)
-    return scale, (side - width * scale) / 2.0, (side - height * scale) / 2.0
+Size = tuple[int, int]
+"""An image size as (height, width) in pixels, torch's order (B x C x H x W)."""
+MIN_SIDE = 16
+MAX_SIDE = 8192
+"""Bounds of a prepared image's height and width (a model input): below 16 px no backbone has a map
+left, above 8192 px one image alone would fill a machine's memory in training."""
 
 
-def resize_image(image: np.ndarray | Image.Image, side: int, mode: str, *, nearest: bool = False) -> np.ndarray:
-    """Resize an image (HxWxC or HxW uint8 array, or a Pillow image) to a ``side`` x ``side`` uint8
-    array by ``stretch`` or ``pad`` (letterbox)."""
+def as_size(size: int | Sequence[int]) -> Size:
+    """(height, width) from one side (a square, as metadata of older versions stores it) or a pair."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return int(size), int(size)
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2):
+        values = [int(v) for v in size]
+        return (values[0], values[-1])
+    raise ValueError(f"an image size is one side or a (height, width) pair, got {size!r}")
+
+
+def check_size(size: int | Sequence[int], option: str = "--img-size") -> Size:
+    """:func:`as_size`, with both sides in [MIN_SIDE, MAX_SIDE]; a QrsError naming ``option`` otherwise."""
+    try:
+        height, width = as_size(size)
+    except (TypeError, ValueError) as exc:
+        raise QrsError(f"{option}: {exc}") from exc
+    if not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
+        raise QrsError(f"{option} {height} {width}: height and width must be between {MIN_SIDE} and {MAX_SIDE} px")
+    return height, width
+
+
+def size_text(size: int | Sequence[int]) -> str:
+    """``224x224``-style text of a size, height first (as ``--img-size H W`` takes it)."""
+    height, width = as_size(size)
+    return f"{height}x{width}"
+
+
+def pad_geometry(width: int, height: int, size: int | Sequence[int]) -> tuple[float, float, float]:
+    """Scale and offsets (scale, off_x, off_y) of the ``pad`` resize of a ``width`` x ``height`` image
+    into ``size`` (one side, or (height, width)): scaled to fit, centred."""
+    out_h, out_w = as_size(size)
+    scale = min(out_w / width, out_h / height)
+    return scale, (out_w - width * scale) / 2.0, (out_h - height * scale) / 2.0
+
+
+def resize_image(image: np.ndarray | Image.Image, size: int | Sequence[int], mode: str, *,
+                 nearest: bool = False) -> np.ndarray:
+    """Resize an image (HxWxC or HxW uint8 array, or a Pillow image) to a ``size`` (one side, or
+    (height, width)) uint8 array by ``stretch`` or ``pad`` (fit inside, centred on black)."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    out_h, out_w = as_size(size)
     resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     if mode == "stretch":
-        return np.asarray(img.resize((side, side), resample))
+        return np.asarray(img.resize((out_w, out_h), resample))
     width, height = img.size
-    scale, off_x, off_y = pad_geometry(width, height, side)
+    scale, off_x, off_y = pad_geometry(width, height, (out_h, out_w))
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    canvas = Image.new(img.mode, (side, side), 0)
+    canvas = Image.new(img.mode, (out_w, out_h), 0)
     canvas.paste(img.resize((new_w, new_h), resample), (round(off_x), round(off_y)))
     return np.asarray(canvas)
 

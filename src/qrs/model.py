@@ -6,9 +6,10 @@ package (no network). Both are explained in closed form (``qrs.cam.GapLinear``).
 
 A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` reads:
 ``{"format": "qrs-checkpoint", "state_dict": ..., "meta": {...}}`` plus, in ``last.pt``, the
-training state needed to resume. ``meta`` holds the arch, class names, image size, input
-normalisation, epoch, validation metrics, dataset hash, seed, qrs version and, after
-``qrs calibrate``, the QRS calibration.
+training state needed to resume. ``meta`` holds the arch, output stride, class names, image size
+(height, width), input normalisation, epoch, validation metrics, dataset hash, seed, qrs version and,
+after ``qrs calibrate``, the QRS calibration. Checkpoints of older versions store one side for a
+square image size and no output stride (they were all 32).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, get_args
@@ -29,6 +31,7 @@ from qrs import __version__
 from qrs.atomic import write_with
 from qrs.choices import ARCHS, Pretrained
 from qrs.errors import QrsError
+from qrs.images import Size, as_size, size_text
 
 CLASS_NAMES = ("non-defective", "defective")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,13 +95,53 @@ def packaged_lite0_weights() -> dict[str, torch.Tensor]:
     return lite0_state_from_packaged(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _architecture(arch: str, num_classes: int) -> nn.Module:
+OUTPUT_STRIDES = (32, 16, 8)
+"""Input pixels per cell of the explained feature map: 32 is every backbone's own; 16 and 8 dilate the
+last one or two stages instead of striding them, so a 224 x 224 input gives a 14 x 14 or 28 x 28 map."""
+
+
+def check_output_stride(output_stride: int) -> int:
+    """``output_stride`` as an int, or a QrsError listing the strides every arch takes."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise QrsError(f"--output-stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride}")
+    return int(output_stride)
+
+
+def dilate_resnet(model: torchvision.models.ResNet, output_stride: int) -> None:
+    """Give a torchvision ResNet the ``output_stride`` by dilating its last stage (16) or two stages (8)
+    instead of striding them, in place (atrous convolution, as in DeepLab).
+
+    A dilated stage's first block keeps its receptive field: its strided 3x3 convolution gets stride 1
+    at the previous dilation and its shortcut stride 1; every later 3x3 convolution of the stage gets
+    the doubled dilation (padding = dilation, so sizes are kept). For Bottleneck ResNets (resnet50 and
+    deeper) this is exactly torchvision's ``replace_stride_with_dilation``; torchvision refuses
+    dilation in the BasicBlock of resnet18/34, which gets the same rule for its two 3x3 convolutions
+    (timm's ResNet does the same). The weights' shapes do not change, so ImageNet weights still apply.
+    """
+    stages = {32: (), 16: (model.layer4,), 8: (model.layer3, model.layer4)}[check_output_stride(output_stride)]
+    dilation = 1
+    for stage in stages:
+        previous, dilation = dilation, dilation * 2
+        for k, block in enumerate(stage):
+            for conv in (m for m in block.children() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)):
+                first = k == 0 and conv.stride == (2, 2)
+                conv.stride = (1, 1)
+                conv.dilation = conv.padding = (previous, previous) if first else (dilation, dilation)
+            if k == 0:
+                block.stride = 1
+                if block.downsample is not None:
+                    block.downsample[0].stride = (1, 1)
+
+
+def _architecture(arch: str, num_classes: int, output_stride: int = 32) -> nn.Module:
     if arch == "efficientnet_lite0":
         import timm
 
         return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes,
-                                 bn_eps=LITE0_BN_EPS, drop_rate=LITE0_DROPOUT)
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+                                 bn_eps=LITE0_BN_EPS, drop_rate=LITE0_DROPOUT, output_stride=output_stride)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    dilate_resnet(model, output_stride)
+    return model
 
 
 def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
@@ -115,8 +158,11 @@ def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
 
 
 def build_model(arch: str = "resnet50", *, pretrained: str = "none", weights: str | os.PathLike[str] | None = None,
-                num_classes: int = 2) -> nn.Module:
+                num_classes: int = 2, output_stride: int = 32) -> nn.Module:
     """The classifier with a ``num_classes`` head, from scratch, ImageNet weights or a state dict file.
+
+    ``output_stride`` 16 or 8 dilates the last stage(s) (:data:`OUTPUT_STRIDES`): the head stays global
+    average pooling and one linear layer, and the weights keep their shapes.
 
     ResNets are torchvision's: ``pretrained="imagenet"`` fetches torchvision's weights the normal way
     (cached under ``$TORCH_HOME``); when that fails (offline) the error says what works offline.
@@ -128,7 +174,7 @@ def build_model(arch: str = "resnet50", *, pretrained: str = "none", weights: st
         raise QrsError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if pretrained not in get_args(Pretrained):
         raise QrsError(f"unknown --pretrained {pretrained!r}; expected imagenet or none")
-    model = _architecture(arch, num_classes)
+    model = _architecture(arch, num_classes, check_output_stride(output_stride))
     if pretrained == "imagenet":
         _load_backbone(model, _imagenet_state(arch), f"ImageNet {arch}", head_prefix(arch))
     if weights is not None:
@@ -180,17 +226,39 @@ def normalize(images: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def base_meta(arch: str, img_size: int, *, dataset_hash: str = "", seed: int | None = None) -> dict[str, Any]:
+def base_meta(arch: str, img_size: int | Sequence[int], *, output_stride: int = 32, dataset_hash: str = "",
+              seed: int | None = None) -> dict[str, Any]:
     """Checkpoint metadata that does not change during training."""
     return {
         "arch": arch,
+        "output_stride": int(output_stride),
         "class_names": list(CLASS_NAMES),
-        "img_size": int(img_size),
+        "img_size": list(as_size(img_size)),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "dataset_hash": dataset_hash,
         "seed": seed,
         "qrs_version": __version__,
     }
+
+
+def model_size(meta: dict[str, Any]) -> Size:
+    """(height, width) of the images a checkpoint's model takes (older checkpoints store one side)."""
+    return as_size(meta["img_size"])
+
+
+def check_data_size(meta: dict[str, Any], data_size: Size, data_root: str | os.PathLike[str], *,
+                    model_name: str = "the model") -> None:
+    """A QrsError unless the model was trained at the prepared data's size (height, width)."""
+    trained = model_size(meta)
+    if trained != tuple(data_size):
+        raise QrsError(f"{model_name} was trained on {size_text(trained)} images (height x width) but {data_root} "
+                       f"holds {size_text(data_size)} images; prepare the data with --img-size "
+                       f"{trained[0]} {trained[1]}")
+
+
+def model_output_stride(meta: dict[str, Any]) -> int:
+    """The output stride of a checkpoint's model (checkpoints without one were all trained at 32)."""
+    return int(meta.get("output_stride", 32))
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
@@ -223,7 +291,7 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str] 
     meta = payload["meta"]
     if arch is not None and arch != meta.get("arch"):
         raise CheckpointError(f"{path} holds a {meta.get('arch')} model, not the {arch} that was asked for")
-    model = build_model(meta["arch"], num_classes=len(meta["class_names"]))
+    model = build_model(meta["arch"], num_classes=len(meta["class_names"]), output_stride=model_output_stride(meta))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

@@ -30,6 +30,7 @@ from qrs.distributed import DistContext, barrier, init_distributed
 from qrs.errors import QrsError
 from qrs.evaluate import evaluate, format_table
 from qrs.extract import ScoreOptions, calibrate, describe_calibration, extract
+from qrs.images import size_text
 from qrs.model import read_checkpoint
 from qrs.report import AnalyzeResult, analyze
 from qrs.train import TrainConfig, train, training_finished
@@ -48,11 +49,11 @@ def step(ctx: DistContext, name: str, done: bool = False) -> None:
 
 
 def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], config: TrainConfig, *,
-                 progress: bool = True) -> AnalyzeResult | None:
+                 faithfulness: bool = False, progress: bool = True) -> AnalyzeResult | None:
     """Train, evaluate, calibrate, extract and analyze ``data`` into ``out`` (see the module doc).
 
-    ``config``'s data_root, out and resume are set here. Returns the analysis on rank 0, None on
-    the other ranks.
+    ``config``'s data_root, out and resume are set here; ``faithfulness`` adds the deletion test of
+    the test split to the analysis. Returns the analysis on rank 0, None on the other ranks.
     """
     data, out = Path(data), Path(out)
     ctx = init_distributed(config.device)
@@ -61,7 +62,9 @@ def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], conf
                   resume=(run / "last.pt").is_file(), progress=progress)
     trained = training_finished(cfg)
     start = "from scratch" if cfg.pretrained == "none" and cfg.weights is None else "from pretrained weights"
-    step(ctx, f"train {cfg.arch} {start}, {cfg.num_epochs} epochs at {PreparedDataset(data).img_size} px -> {run}",
+    stride = "" if cfg.output_stride == 32 else f", output stride {cfg.output_stride}"
+    step(ctx, f"train {cfg.arch} {start}, {cfg.num_epochs} epochs at {size_text(PreparedDataset(data).img_size)} px"
+              f"{stride} -> {run}",
          trained)
     if not trained:
         train(cfg)
@@ -86,10 +89,11 @@ def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], conf
     extract(data, model, modes=["train", "test"], out_dir=ext, options=ScoreOptions(), device=cfg.device,
             progress=progress)
 
-    step(ctx, "analyze: statistics, plots, report")
+    step(ctx, "analyze: statistics, plots, report" + (", deletion test" if faithfulness else ""))
     result = None
     if ctx.is_main:
-        result = analyze(ext, metrics=metrics_path, out=out / "report", progress=progress)
+        result = analyze(ext, metrics=metrics_path, out=out / "report", faithfulness=faithfulness,
+                         device=cfg.device, progress=progress)
         print(result.headline())
     barrier(ctx)
     return result
@@ -98,22 +102,34 @@ def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], conf
 REPEAT_COLUMNS = {
     "f1_best_loss": "F1 (best_loss.pt)",
     "f1_best_acc": "F1 (best_acc.pt)",
+    "ap_best_loss": "AP of p_defective (best_loss.pt)",
     "auroc_best_loss": "AUROC of p_defective (best_loss.pt)",
     "qrs_auroc": "QRS AUROC (test)",
     "mann_whitney_p": "Mann-Whitney p (test)",
+    "good_at_0": "good parts at QRS 0 (test)",
     "pointing_game": "pointing game (test)",
+    "energy_in_boxes": "energy in the defect boxes (test)",
+    "iou": "IoU of the region over tau with the mask (test)",
+    "deletion_area": "deletion test area (test, defective)",
+    "s_per_epoch": "seconds per epoch",
 }
-"""The per-seed numbers of ``qrs repeat`` and their labels."""
+"""The per-seed numbers of ``qrs repeat`` and their labels (the deletion test's with --faithfulness)."""
 
 
 def seed_row(out: str | os.PathLike[str]) -> dict[str, float | None]:
-    """A finished run directory's numbers for the repeat table (from metrics.json and stats.json)."""
+    """A finished run directory's numbers for the repeat table (from metrics.json, stats.json and the
+    training log)."""
     out = Path(out)
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     test = json.loads((out / "report" / "stats.json").read_text())["modes"]["test"]
+    deletion = (test.get("faithfulness") or {}).get("defective") or {}
     return {"f1_best_loss": metrics["best_loss.pt"]["f1"], "f1_best_acc": metrics["best_acc.pt"]["f1"],
-            "auroc_best_loss": metrics["best_loss.pt"]["auroc"], "qrs_auroc": test["qrs"]["auroc"],
-            "mann_whitney_p": test["qrs"]["mann_whitney_p"], "pointing_game": test["localisation"]["pointing_game"]}
+            "ap_best_loss": metrics["best_loss.pt"]["ap"], "auroc_best_loss": metrics["best_loss.pt"]["auroc"],
+            "qrs_auroc": test["qrs"]["auroc"], "mann_whitney_p": test["qrs"]["mann_whitney_p"],
+            "good_at_0": test["qrs"]["zero_share_good"], "pointing_game": test["localisation"]["pointing_game"],
+            "energy_in_boxes": test["localisation"]["energy_in_boxes"], "iou": test["localisation"]["iou"],
+            "deletion_area": deletion.get("area_between"),
+            "s_per_epoch": float(pd.read_csv(out / "run" / "log.csv")["time_s"].mean())}
 
 
 def _train_options(config: TrainConfig) -> dict[str, Any]:
@@ -133,12 +149,13 @@ class RepeatResult:
     def table(self) -> str:
         """``metric  mean +- std  per-seed values`` as text."""
         seeds = ", ".join(str(s) for s in self.rows.index)
-        lines = [f"{'metric':<38} {'mean ± std':>22}   seeds {seeds}"]
+        width = max(map(len, REPEAT_COLUMNS.values()))
+        lines = [f"{'metric':<{width}} {'mean ± std':>22}   seeds {seeds}"]
         for key, label in REPEAT_COLUMNS.items():
             fmt = _fmt_p if key == "mann_whitney_p" else _fmt
             mean, std = self.summary.loc["mean", key], self.summary.loc["std", key]
             spread = f"{fmt(mean)} ± {fmt(std)}"
-            lines.append(f"{label:<38} {spread:>22}   " + " ".join(fmt(v) for v in self.rows[key]))
+            lines.append(f"{label:<{width}} {spread:>22}   " + " ".join(fmt(v) for v in self.rows[key]))
         lines.append(f"std: sample standard deviation over {len(self.rows)} seeds (ddof 1)")
         return "\n".join(lines)
 
@@ -151,12 +168,13 @@ def _fmt_p(v: float) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{v:.2g}"
 
 
-def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *,
+def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *, faithfulness: bool = False,
            progress: bool = True) -> RepeatResult | None:
     """``run_pipeline`` per training seed into ``out/seed-<k>`` on ``config.data_root`` (the split is
     that of ``qrs prepare``), then ``repeat.csv`` / ``repeat.json`` with mean +- std over the seeds.
     A seed whose ``summary.json`` exists is skipped (it must have the same training options).
-    Returns the table on rank 0, None on the other ranks."""
+    ``faithfulness``: every seed's analysis runs the deletion test. Returns the table on rank 0, None
+    on the other ranks."""
     if not seeds:
         raise QrsError("give at least one seed: --seeds 0 1 2 3 4")
     if len(set(seeds)) != len(seeds):
@@ -179,7 +197,7 @@ def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *
             rows[seed] = saved["row"]
             continue
         _say(ctx, f"=== seed {seed} ({k}/{len(seeds)}) -> {seed_dir}")
-        run_pipeline(data, seed_dir, replace(config, seed=seed), progress=progress)
+        run_pipeline(data, seed_dir, replace(config, seed=seed), faithfulness=faithfulness, progress=progress)
         if ctx.is_main:
             rows[seed] = seed_row(seed_dir)
             write_json(summary_path, {"seed": seed, "train_options": options, "row": rows[seed]})

@@ -1,7 +1,8 @@
 """``qrs score``: pass/fail, p_defective, QRS, risk level and overlay of raw images of new parts.
 
-A raw image is resized exactly like the prepared data the model was trained on, and its ROI (given
-relative to the original image, like ``qrs prepare``'s) is rasterised on the same square. Batches go
+A raw image is resized exactly like the prepared data the model was trained on (to its height x
+width), and its ROI (given relative to the original image, like ``qrs prepare``'s) is rasterised on
+the same grid. Batches go
 through the one scoring path of :func:`qrs.extract.score_batch` (the forward pass on the backend: PyTorch,
 or ONNX Runtime on a model from ``qrs export``, then :func:`qrs.extract.score_maps`), so a part gets the
 same numbers here, in the HTTP service (which uses :class:`Scorer` too) and in ``qrs extract``.
@@ -35,9 +36,9 @@ from qrs.files import (
     Entries, file_problem, ignored_dirs_note, is_image_file, list_entries, name_problem, printable, shorten,
 )
 from qrs.images import ImageError, open_rgb, pad_geometry, resize_image
-from qrs.model import load_checkpoint, resolve_device
+from qrs.model import load_checkpoint, model_output_stride, model_size, resolve_device
 from qrs.overlay import png_bytes, render_overlay
-from qrs.score import risk_level
+from qrs.score import normalize_maps, risk_level
 
 CSV_COLUMNS = ("file", "verdict", "prediction", "p_defective", "qrs", "risk_level", "area", "n_over", "mean_over",
                "max_over", "peak", "norm", "overlay", "error")
@@ -66,8 +67,8 @@ def training_resize(meta: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One raw image made ready for the model: the square input, its ROI on the same square, and
-    (for an overlay) the original image at overlay size with its relative ROI regions."""
+    """One raw image made ready for the model: the input at the model's size, its ROI on the same grid,
+    and (for an overlay) the original image at overlay size with its relative ROI regions."""
 
     name: str
     image: np.ndarray
@@ -95,7 +96,7 @@ class Backend(Protocol):
     """The resize mode of the training data (the default of ``--resize``)."""
 
     def cams(self, images: Tensor, options: ScoreOptions) -> CamResult:
-        """uint8 B x 3 x S x S images -> logits, raw and full-size maps."""
+        """uint8 B x 3 x H x W images -> logits, raw and full-size maps."""
         ...
 
 
@@ -147,7 +148,7 @@ class Scorer:
             raise QrsError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
         self.backend: Backend = TorchBackend(model) if isinstance(model, nn.Module) else model
         self.meta = self.backend.meta
-        self.side = int(self.meta["img_size"])
+        self.size = model_size(self.meta)
         self.resize = resize or self.backend.resize
         how = scoring(self.meta)
         self.options, self.scale, self.cuts, self.note = how.options, how.scale, how.cuts, how.note
@@ -173,7 +174,8 @@ class Scorer:
         calibration = self.meta.get("calibration") or {}
         return {
             "arch": self.meta["arch"],
-            "img_size": self.side,
+            "img_size": list(self.size),
+            "output_stride": model_output_stride(self.meta),
             "class_names": list(self.meta["class_names"]),
             "epoch": self.meta.get("epoch"),
             "resize": self.resize,
@@ -194,18 +196,17 @@ class Scorer:
     def prepare(self, name: str, image: np.ndarray | Image.Image, roi: RoiSpec = "full", *,
                 overlay: bool = False) -> Prepared:
         """Resize ``image`` (HxWx3 uint8, or an RGB Pillow image as :func:`qrs.images.open_rgb` gives) like
-        the training data and rasterise its ROI on the square."""
+        the training data and rasterise its ROI on the same grid."""
         img = image if isinstance(image, Image.Image) else Image.fromarray(image)
         width, height = img.size
         regions = roi_regions(roi, name, img)
-        square = rasterize([to_prepared(r, (width, height), self.resize, self.side) for r in regions],
-                           self.side, self.side)
+        grid = rasterize([to_prepared(r, (width, height), self.resize, self.size) for r in regions], *self.size)
         view = None
         if overlay:
             factor = min(1.0, OVERLAY_MAX_SIDE / max(width, height))
             size = (max(1, round(width * factor)), max(1, round(height * factor)))
             view = np.asarray(img.resize(size, Image.Resampling.BILINEAR))
-        return Prepared(name, resize_image(img, self.side, self.resize), square, regions, (width, height), view)
+        return Prepared(name, resize_image(img, self.size, self.resize), grid, regions, (width, height), view)
 
     @torch.inference_mode()
     def score(self, items: Sequence[Prepared]) -> list[Scored]:
@@ -215,7 +216,10 @@ class Scorer:
         cams = self.backend.cams(images, self.options)
         scored = score_maps(cams, roi, scale=self.scale, options=self.options)
         out = {k: scored[k].cpu() for k in ("prediction", "p_defective", "qrs", "area", "mean_over", "max_over", "peak",
-                                            "n_over", "normalized")}
+                                            "n_over")}
+        if any(item.view is not None for item in items):
+            out["strength"] = normalize_maps(scored["maps"], norm=self.options.effective_norm, scale=self.scale,
+                                             clip=False).cpu()
         levels = risk_level(out["qrs"], self.cuts) if self.cuts else None
         results = []
         for i, item in enumerate(items):
@@ -231,24 +235,25 @@ class Scorer:
             row.update({k: float(out[k][i]) for k in ("area", "mean_over", "max_over", "peak")})
             row["n_over"] = int(out["n_over"][i])
             row["norm"] = self.options.norm
-            png = None if item.view is None else self._overlay(item, item.view, out["normalized"][i].numpy())
+            png = None if item.view is None else self._overlay(item, item.view, out["strength"][i].numpy())
             results.append(Scored(row, png))
         return results
 
-    def _overlay(self, item: Prepared, view: np.ndarray, m: np.ndarray) -> bytes:
-        """The heat map of M over the original image (``view``, at overlay size), with the ROI outline
-        and the outline of the ROI's pixels at or over the threshold."""
+    def _overlay(self, item: Prepared, view: np.ndarray, strength: np.ndarray) -> bytes:
+        """The heat map of the evidence (:func:`qrs.overlay.evidence_view`) over the original image
+        (``view``, at overlay size), with the ROI outline and the outline of the ROI's pixels at or over
+        the threshold."""
         width, height = item.orig_size
         if self.resize == "pad":
-            scale, off_x, off_y = pad_geometry(width, height, self.side)
+            scale, off_x, off_y = pad_geometry(width, height, self.size)
             box = (off_x, off_y, off_x + width * scale, off_y + height * scale)
         else:
-            box = (0.0, 0.0, float(self.side), float(self.side))
+            box = (0.0, 0.0, float(self.size[1]), float(self.size[0]))
         view_h, view_w = view.shape[:2]
-        m_view = np.asarray(Image.fromarray(m.astype(np.float32)).resize(
+        strength_view = np.asarray(Image.fromarray(strength.astype(np.float32)).resize(
             (view_w, view_h), Image.Resampling.BILINEAR, box=box))
         roi = rasterize(item.regions, view_h, view_w)
-        return png_bytes(render_overlay(view, m_view, roi, roi & (m_view >= self.options.threshold)))
+        return png_bytes(render_overlay(view, strength_view, self.options.threshold, roi))
 
 
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> Entries:

@@ -31,6 +31,7 @@ from qrs.data.dataset import PreparedDataset
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, unpack_roi
 from qrs.faithfulness import DELETION_FRACTIONS, check_fractions, deletion_drops, deletion_summary
+from qrs.images import as_size
 from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import normalize_maps, quality_risk_scores
@@ -132,18 +133,18 @@ def sweep_qrs(mo: ModeOutputs, thresholds: list[float]) -> np.ndarray:
     if mo.roi_bits is None:
         raise ValueError("the npz has no ROI")
     opts, score = mo.options, mo.score_options
-    side, norm, scale = int(opts["img_size"]), score.effective_norm, opts["scale"]
+    size, norm, scale = as_size(opts["img_size"]), score.effective_norm, opts["scale"]
     raw = torch.from_numpy(mo.raw_maps)
     out = np.zeros((len(raw), len(thresholds)))
     active = torch.arange(len(raw))
     if norm == "dataset":
         peaks = raw.amax(dim=(1, 2)) / scale
         active = active[peaks >= min(thresholds) * (1 - 1e-6)]
-    full = np.packbits(np.ones((1, side * side), dtype=bool), axis=1)
+    full = np.packbits(np.ones((1, size[0] * size[1]), dtype=bool), axis=1)
     for idx in active.split(SWEEP_BATCH):
-        maps = maps_from_raw(raw[idx], (side, side), compat=score.compat)
+        maps = maps_from_raw(raw[idx], size, compat=score.compat)
         bits = mo.roi_bits[idx.numpy()]
-        roi = None if (bits == full).all() else unpack_roi(bits, side)
+        roi = None if (bits == full).all() else unpack_roi(bits, size)
         out[idx.numpy()] = quality_risk_scores(maps, roi, thresholds=thresholds, scale=scale, norm=norm,
                                                aggregation=score.aggregation).numpy()
     return out
@@ -289,11 +290,10 @@ def _gallery_cards(mo: ModeOutputs, picks: pd.DataFrame, data: PreparedDataset |
         item = split[k]
         rgb = item["image"].permute(1, 2, 0).numpy()
         raw = torch.from_numpy(mo.raw_maps[mo.rows.index.get_loc(row.name)][None])
-        maps = maps_from_raw(raw, (data.img_size, data.img_size), compat=score.compat)
-        m = normalize_maps(maps, norm=score.effective_norm, scale=opts["scale"])[0].numpy()
-        roi = item["roi"].numpy()
-        overlay = render_overlay(rgb, m, roi, (m >= opts["threshold"]) & roi)
-        scale_up = max(1, 160 // data.img_size)
+        maps = maps_from_raw(raw, data.img_size, compat=score.compat)
+        strength = normalize_maps(maps, norm=score.effective_norm, scale=opts["scale"], clip=False)[0].numpy()
+        overlay = render_overlay(rgb, strength, opts["threshold"], item["roi"].numpy())
+        scale_up = max(1, 160 // max(data.img_size))
         caption = (f"{html.escape(row['id'])} · {'defective' if row['label'] else 'good'}"
                    f"{' (' + html.escape(row['defect_type']) + ')' if row['defect_type'] else ''}<br>"
                    f"p_defective {row['p_defective']:.3f} · QRS {row['qrs']:.4f}")

@@ -24,6 +24,7 @@ from torch import Tensor
 from qrs.cam import CamResult
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions
+from qrs.images import as_size
 from qrs.predict import scoring
 
 FORMAT_TAG = "qrs-onnx"
@@ -85,7 +86,7 @@ class OnnxBackend:
             version = int(props["qrs_format_version"])
             self.meta: dict[str, Any] = json.loads(props["qrs_meta"])
             self.resize: str = props["resize"]
-            side = int(self.meta["img_size"])
+            size = as_size(self.meta["img_size"])
         except (KeyError, ValueError, TypeError) as exc:
             raise OnnxModelError(f"{path}: its qrs metadata is incomplete or unreadable ({exc!r})") from exc
         if version > FORMAT_VERSION:
@@ -94,16 +95,16 @@ class OnnxBackend:
         inputs = session.get_inputs()
         shape = list(inputs[0].shape) if len(inputs) == 1 else []
         if not (len(inputs) == 1 and inputs[0].name == INPUT and inputs[0].type == "tensor(uint8)"
-                and len(shape) == 4 and shape[1:] == [side, side, 3]):
+                and len(shape) == 4 and shape[1:] == [*size, 3]):
             found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
-            raise OnnxModelError(f"{path}: the graph's input ({found}) is not the uint8 B x {side} x {side} x 3 "
+            raise OnnxModelError(f"{path}: the graph's input ({found}) is not the uint8 B x {size[0]} x {size[1]} x 3 "
                                  f"'{INPUT}' its metadata describes")
         missing = set(OUTPUTS) - {o.name for o in session.get_outputs()}
         if missing:
             raise OnnxModelError(f"{path}: the graph lacks the outputs {', '.join(sorted(missing))}")
         self.session = session
         self.path = Path(path)
-        self.side = side
+        self.size = size
         self.batch: int | None = shape[0] if isinstance(shape[0], int) else None
         """The graph's fixed batch size, or None for a dynamic batch."""
         self.options: ScoreOptions = scoring(self.meta).options
@@ -125,11 +126,11 @@ class OnnxBackend:
         return cls(session, path)
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
-        """The graph's :data:`qrs.export.OUTPUTS` for uint8 B x S x S x 3 images, any B (a graph of fixed
+        """The graph's :data:`qrs.export.OUTPUTS` for uint8 B x H x W x 3 images, any B (a graph of fixed
         batch size runs in chunks, the last one padded with copies of its last image)."""
-        if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.side, self.side, 3)
+        if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*self.size, 3)
                 or not len(images)):
-            raise OnnxModelError(f"the ONNX model takes uint8 B x {self.side} x {self.side} x 3 images, got "
+            raise OnnxModelError(f"the ONNX model takes uint8 B x {self.size[0]} x {self.size[1]} x 3 images, got "
                                  f"{images.dtype} {'x'.join(map(str, images.shape))}")
         n = len(images)
         step = self.batch or n
@@ -140,7 +141,7 @@ class OnnxBackend:
         return [np.concatenate(parts)[:n] for parts in zip(*chunks)]
 
     def cams(self, images: Tensor, options: ScoreOptions) -> CamResult:
-        """uint8 B x 3 x S x S images -> the graph's logits, raw and full-size maps."""
+        """uint8 B x 3 x H x W images -> the graph's logits, raw and full-size maps."""
         if options != self.options:
             raise QrsError(f"the ONNX graph computes {self.options}, not {options}")
         out = dict(zip(OUTPUTS, self.run(images.permute(0, 2, 3, 1).contiguous().cpu().numpy())))

@@ -15,19 +15,21 @@ from torch import Tensor
 from qrs.choices import AGGREGATIONS, NORMS
 
 
-def normalize_maps(maps: Tensor, *, norm: str = "dataset", scale: float | None = None) -> Tensor:
+def normalize_maps(maps: Tensor, *, norm: str = "dataset", scale: float | None = None, clip: bool = True) -> Tensor:
     """M from raw maps C (B x H x W).
 
     ``dataset``: clip(C / scale, 0, 1) with the calibration scale (> 0, see calibration_scale), so a
     threshold means the same evidence strength on every image. ``image``: per-image min-max, 0 where
-    the map is constant (the pytorch-grad-cam convention).
+    the map is constant (the pytorch-grad-cam convention). ``clip=False`` keeps C / scale above 1
+    (the evidence strength, which the overlay shows where M saturates).
     """
     if maps.dim() != 3:
         raise ValueError(f"maps must be B x H x W, got shape {tuple(maps.shape)}")
     if norm == "dataset":
         if scale is None or not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"norm='dataset' needs a finite calibration scale > 0, got {scale!r}")
-        return (maps / float(scale)).clamp(0, 1)
+        strength = (maps / float(scale)).clamp(min=0)
+        return strength.clamp(max=1) if clip else strength
     if norm == "image":
         low = maps.amin(dim=(1, 2), keepdim=True)
         span = maps.amax(dim=(1, 2), keepdim=True) - low

@@ -96,7 +96,8 @@ class ModelInfo(BaseModel):
     """The served model and how it scores."""
 
     arch: str
-    img_size: int
+    img_size: list[int] = Field(description="height and width of the model's input, in pixels")
+    output_stride: int = Field(description="input pixels per cell of the explained map (32, 16 or 8)")
     class_names: list[str]
     epoch: Optional[int] = None
     resize: str

@@ -34,7 +34,10 @@ from qrs.distributed import (DistContext, all_gather_objects, all_reduce_sum, ba
                              init_distributed, main_first, shard_indices)
 from qrs.errors import QrsError
 from qrs.guidance import default_dilation, energy_loss, grid_mask, mask_weight, select_masked
-from qrs.model import base_meta, build_model, normalize, read_checkpoint, save_checkpoint
+from qrs.images import size_text
+from qrs.memory import check_fits, training_need
+from qrs.model import (base_meta, build_model, model_output_stride, model_size, normalize, read_checkpoint,
+                       save_checkpoint)
 
 
 
@@ -45,6 +48,7 @@ class TrainConfig:
     data_root: Path
     out: Path | None = None
     arch: str = "resnet50"
+    output_stride: int = 32
     pretrained: str = "none"
     weights: Path | None = None
     num_epochs: int = 100
@@ -113,10 +117,12 @@ class TrainResult:
 
 def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator,
                   masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random per-sample augmentation of a uint8 B x 3 x S x S batch (flips; ``standard`` adds
-    90-degree turns and +-15% brightness/contrast), drawn from ``generator`` for reproducibility.
+    """Random per-sample augmentation of a uint8 B x 3 x H x W batch (flips; ``standard`` adds
+    90-degree turns of square images and +-15% brightness/contrast), drawn from ``generator`` for
+    reproducibility. A turn of a non-square image would change its shape, and its 180-degree turn is
+    the two flips, so non-square images are flipped only.
 
-    ``masks`` (B x S x S, optional) get the same flips and turns, so a defect mask stays on its defect.
+    ``masks`` (B x H x W, optional) get the same flips and turns, so a defect mask stays on its defect.
     """
     if mode == "none":
         return images, masks
@@ -127,7 +133,7 @@ def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator,
         return torch.where(choose.view(b, *([1] * (kept.dim() - 1))), moved, kept)
 
     moves = [(draws[:, 0] < 0.5, lambda x: x.flip(-1)), (draws[:, 1] < 0.5, lambda x: x.flip(-2))]
-    if mode == "standard":
+    if mode == "standard" and images.shape[-1] == images.shape[-2]:
         moves.append((draws[:, 2] < 0.5, lambda x: x.transpose(-1, -2)))
     out = images
     for choose, move in moves:
@@ -391,8 +397,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     out = cfg.out_dir()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed + ctx.rank)
-    model = build_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights).to(ctx.device)
-    meta = base_meta(cfg.arch, data.img_size, dataset_hash=data.dataset_hash, seed=cfg.seed)
+    model = build_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights,
+                        output_stride=cfg.output_stride).to(ctx.device)
+    check_fits(training_need(model, data.img_size), cfg.batch_size, what=f"a training step of {cfg.arch}",
+               size=data.img_size, device=ctx.device)
+    meta = base_meta(cfg.arch, data.img_size, output_stride=cfg.output_stride, dataset_hash=data.dataset_hash,
+                     seed=cfg.seed)
     meta["train_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     mask_loss, mask_note = resolve_mask_loss(cfg, data)
     cfg = replace(cfg, mask_loss=mask_loss)
@@ -420,8 +430,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     start_epoch = 1
     if cfg.resume:
         state = read_checkpoint(last_path)
-        if state["meta"]["arch"] != cfg.arch or state["meta"]["dataset_hash"] != data.dataset_hash:
-            raise QrsError(f"{last_path} was trained with another arch or dataset; cannot resume from it")
+        saved = state["meta"]
+        if (saved["arch"] != cfg.arch or saved["dataset_hash"] != data.dataset_hash
+                or model_size(saved) != data.img_size or model_output_stride(saved) != cfg.output_stride):
+            raise QrsError(f"{last_path} was trained with another arch, dataset, image size or output stride "
+                           f"({saved['arch']}, {size_text(model_size(saved))} px, stride {model_output_stride(saved)}); "
+                           "cannot resume from it")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -23,6 +23,7 @@ from qrs.atomic import atomic_path
 from qrs.choices import SPLITS
 from qrs.errors import DatasetError
 from qrs.files import ignored_dirs_note
+from qrs.images import Size, as_size, size_text
 
 if TYPE_CHECKING:
     from qrs.data.split_dataset import SplitDataset
@@ -48,8 +49,9 @@ class PreparedDataset:
         self.index = index
 
     @property
-    def img_size(self) -> int:
-        return int(self.meta["img_size"])
+    def img_size(self) -> Size:
+        """(height, width) of the prepared images (datasets of older versions store one side)."""
+        return as_size(self.meta["img_size"])
 
     @property
     def dataset_hash(self) -> str:
@@ -84,11 +86,11 @@ class PreparedDataset:
                             with_masks=with_masks, with_defect=with_defect)
 
     def image_cache(self, split: str, *, progress: bool = True) -> np.ndarray:
-        """The split's images as an N x S x S x 3 uint8 memory map, built on first use."""
+        """The split's images as an N x H x W x 3 uint8 memory map, built on first use."""
         rows = self.rows(split)
-        s = self.img_size
+        size = self.img_size
         path = self.root / "cache" / f"{split}-{self.dataset_hash}.npy"
-        shape = (len(rows), s, s, 3)
+        shape = (len(rows), *size, 3)
         try:
             cached = np.load(path, mmap_mode="r")
             if cached.shape == shape and cached.dtype == np.uint8:
@@ -98,19 +100,19 @@ class PreparedDataset:
         with atomic_path(path) as tmp:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             for i, rel in enumerate(tqdm(rows["image"], desc=f"cache {split}", unit="img", disable=not progress)):
-                arr[i] = load_prepared_image(self.root / rel, s)
+                arr[i] = load_prepared_image(self.root / rel, size)
             arr.flush()
             del arr
         return np.load(path, mmap_mode="r")
 
 
-def load_prepared_image(path: Path, size: int) -> np.ndarray:
-    """Read one prepared image, checking it has the dataset's size."""
+def load_prepared_image(path: Path, size: Size) -> np.ndarray:
+    """Read one prepared image, checking it has the dataset's (height, width)."""
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as exc:
         raise DatasetError(f"cannot read prepared image {path} (corrupted or truncated?): {exc}") from exc
-    if arr.shape != (size, size, 3):
-        raise DatasetError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}")
+    if arr.shape != (*size, 3):
+        raise DatasetError(f"{path} is {size_text(arr.shape[:2])} (height x width), expected {size_text(size)}")
     return arr

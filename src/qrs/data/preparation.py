@@ -1,6 +1,6 @@
 """``qrs prepare``: a raw dataset -> a prepared dataset (QRS_SPEC section 7).
 
-Every image becomes an ``img_size`` square RGB PNG, every mask with defect pixels a nearest-neighbour
+Every image becomes an RGB PNG of ``img_size`` (height x width), every mask with defect pixels a nearest-neighbour
 resized 0/255 PNG (an all-zero mask, e.g. a good KSDD2 part's, is not written: no mask file means no
 defect pixels, as for SODF negatives; creating a file costs a tenth of decoding one on some disks),
 and every region (ROI, defects) is kept in coordinates relative to the original image. The output is
@@ -33,7 +33,7 @@ from qrs.data.dataset import PreparedDataset
 from qrs.data.layouts import LayoutError, Listing, Record, read_folder, read_ksdd2, read_sodf
 from qrs.data.regions import RoiSpec, load_roi, mask_to_boxes, pixel_box_to_relative, roi_regions
 from qrs.files import NO_SUCH_FILE, file_problem, printable
-from qrs.images import ImageError, encode_png, open_mask, open_rgb, resize_image
+from qrs.images import ImageError, Size, check_size, encode_png, open_mask, open_rgb, resize_image
 
 INDEX_COLUMNS = (
     "id", "split", "label", "source", "image", "mask", "orig_width", "orig_height", "defect_type", "roi", "defects",
@@ -52,7 +52,7 @@ class PrepareError(QrsError):
 class PrepareOptions:
     """Per-image settings shared with the worker processes."""
 
-    img_size: int
+    img_size: Size
     resize: str
     roi: RoiSpec
     root: Path
@@ -65,13 +65,16 @@ def first_folder(split: str | None) -> str:
     return split or "train"
 
 
-def resize_transform(mode: str, side: int) -> str:
-    """Human-readable description of the resize, recorded in meta.json."""
+def resize_transform(mode: str, size: Size) -> str:
+    """Human-readable description of the resize to ``size`` (height, width), recorded in meta.json."""
+    out_h, out_w = size
     if mode == "stretch":
-        return f"stretch: each image resized to {side}x{side} (bilinear); relative coordinates unchanged"
+        return (f"stretch: each image resized to {out_h}x{out_w} (height x width, bilinear); relative coordinates "
+                "unchanged")
     return (
-        f"pad: scale s = {side} / max(W, H), image resized to (W*s, H*s) and centred on a black {side}x{side} "
-        f"square; x' = (x*W*s + ({side} - W*s)/2) / {side}, y' likewise"
+        f"pad: scale s = min({out_w} / W, {out_h} / H), image resized to (W*s, H*s) and centred on a black "
+        f"{out_h}x{out_w} (height x width) canvas; x' = (x*W*s + ({out_w} - W*s)/2) / {out_w}, "
+        f"y' = (y*H*s + ({out_h} - H*s)/2) / {out_h}"
     )
 
 
@@ -208,7 +211,7 @@ def prepare(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    img_size: int = 224,
+    img_size: int | Sequence[int] = 224,
     resize: str = "stretch",
     roi: str = "full",
     val_fraction: float = 0.2,
@@ -225,12 +228,14 @@ def prepare(
     split_file: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> PreparedDataset:
-    """Prepare the raw dataset at ``src`` (layout ``fmt``) into ``out`` and return it."""
+    """Prepare the raw dataset at ``src`` (layout ``fmt``) into ``out`` and return it.
+
+    ``img_size``: one side (a square) or (height, width).
+    """
     src, out = Path(src), Path(out)
     if resize not in RESIZE_MODES:
         raise PrepareError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-    if img_size < 16:
-        raise PrepareError(f"--img-size must be at least 16, got {img_size}")
+    img_size = check_size(img_size)
     for name, value in (("val", val_fraction), ("test", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise PrepareError(f"--{name}-fraction must be in [0, 1), got {value}")
@@ -347,7 +352,7 @@ def _write_outputs(tmp: Path, rows: list[dict[str, Any]], skipped: list[tuple[st
         "n_images": len(rows),
         "n_skipped": len(skipped),
         "n_ignored_dirs": meta["image_dirs"],
-        "img_size": meta["img_size"],
+        "img_size": list(meta["img_size"]),
         "orig_sizes": dict(sizes.most_common(20)),
         "resize": meta["resize"],
         "resize_transform": resize_transform(meta["resize"], meta["img_size"]),

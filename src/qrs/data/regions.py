@@ -22,7 +22,7 @@ from skimage.filters import threshold_otsu
 
 from qrs.choices import RESIZE_MODES, ResizeMode
 from qrs.errors import QrsError
-from qrs.images import pad_geometry
+from qrs.images import as_size, pad_geometry
 
 Region = list  # a box [x0, y0, x1, y1] or a polygon [[x, y], ...]
 FULL_ROI: list[Region] = [[0.0, 0.0, 1.0, 1.0]]
@@ -78,8 +78,9 @@ def pixel_box_to_relative(box: Sequence[float], width: int, height: int) -> list
     return [min(max(v, 0.0), 1.0) for v in rel]
 
 
-def to_prepared(region: Region, orig_size: tuple[int, int], mode: ResizeMode, side: int) -> Region:
-    """Map a region relative to the original image into coordinates relative to the prepared square.
+def to_prepared(region: Region, orig_size: tuple[int, int], mode: ResizeMode, size: int | Sequence[int]) -> Region:
+    """Map a region relative to the original image (``orig_size`` = (width, height)) into coordinates
+    relative to the prepared image of ``size`` (one side, or (height, width)).
 
     ``stretch`` leaves relative coordinates unchanged; ``pad`` shrinks them into the letterbox.
     """
@@ -88,10 +89,11 @@ def to_prepared(region: Region, orig_size: tuple[int, int], mode: ResizeMode, si
     if mode != "pad":
         raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     width, height = orig_size
-    scale, off_x, off_y = pad_geometry(width, height, side)
+    out_h, out_w = as_size(size)
+    scale, off_x, off_y = pad_geometry(width, height, (out_h, out_w))
 
     def point(x: float, y: float) -> list[float]:
-        return [(x * width * scale + off_x) / side, (y * height * scale + off_y) / side]
+        return [(x * width * scale + off_x) / out_w, (y * height * scale + off_y) / out_h]
 
     if is_box(region):
         x0, y0, x1, y1 = region

@@ -21,25 +21,26 @@ from torch.utils.data import Dataset
 
 from qrs.data.regions import FULL_ROI, rasterize, to_prepared
 from qrs.errors import DatasetError
+from qrs.images import Size, as_size
 
 
 class SplitDataset(Dataset):
-    """One split: items are dicts with ``index``, ``image`` (3xSxS uint8) and ``label``, and with
-    ``with_masks`` also ``roi``, ``defect`` and ``boxes`` (SxS bool masks on the prepared grid), or
+    """One split: items are dicts with ``index``, ``image`` (3 x H x W uint8) and ``label``, and with
+    ``with_masks`` also ``roi``, ``defect`` and ``boxes`` (H x W bool masks on the prepared grid), or
     with ``with_defect`` only ``defect`` (what mask-guided training needs).
 
     rows: the split's index rows; root: the prepared dataset's directory (mask paths are relative to
-    it); img_size and resize: its square side and resize mode; images: returns the split's N x S x S x 3
-    uint8 images (the memory-mapped cache), called once, on first use.
+    it); img_size and resize: its (height, width) and resize mode; images: returns the split's
+    N x H x W x 3 uint8 images (the memory-mapped cache), called once, on first use.
     """
 
-    def __init__(self, rows: pd.DataFrame, *, split: str, root: Path, img_size: int, resize: str,
+    def __init__(self, rows: pd.DataFrame, *, split: str, root: Path, img_size: Size, resize: str,
                  images: Callable[[], np.ndarray], coords: dict[str, dict[str, list]] | None = None,
                  with_masks: bool = True, with_defect: bool = False) -> None:
         self.split_name = split
         self.rows = rows
         self.root = root
-        self.img_size = img_size
+        self.img_size = as_size(img_size)
         self.resize = resize
         self._load_images = images
         self.coords = coords
@@ -68,7 +69,7 @@ class SplitDataset(Dataset):
         return row["roi"], row["defects"]
 
     def masks(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ROI, defect mask, defect boxes) of item ``i`` as S x S bool arrays on the prepared grid.
+        """(ROI, defect mask, defect boxes) of item ``i`` as H x W bool arrays on the prepared grid.
 
         The defect mask is the prepared mask file where one exists, else the rasterised defect boxes.
         """
@@ -78,15 +79,14 @@ class SplitDataset(Dataset):
         return roi, self._mask_file(i) if self.rows["mask"].iat[i] else boxes, boxes
 
     def defect_mask(self, i: int) -> np.ndarray:
-        """The defect mask of item ``i`` (S x S bool): its mask file, else its rasterised defect boxes."""
+        """The defect mask of item ``i`` (H x W bool): its mask file, else its rasterised defect boxes."""
         if self.rows["mask"].iat[i]:
             return self._mask_file(i)
         return self._rasterize(i, self.regions(i)[1])
 
     def _rasterize(self, i: int, regions: list) -> np.ndarray:
-        s = self.img_size
         orig = (int(self.rows["orig_width"].iat[i]), int(self.rows["orig_height"].iat[i]))
-        return rasterize([to_prepared(r, orig, self.resize, s) for r in regions], s, s)
+        return rasterize([to_prepared(r, orig, self.resize, self.img_size) for r in regions], *self.img_size)
 
     def _mask_file(self, i: int) -> np.ndarray:
         with Image.open(self.root / self.rows["mask"].iat[i]) as img:
