@@ -15,7 +15,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from qrs.analysis import localisation, qrs_statistics, threshold_sweep
+from qrs.analysis import agreement, localisation, qrs_statistics, threshold_sweep
 from qrs.data.preparation import prepare
 from qrs.bootstrap import BootstrapOptions, qrs_intervals, with_interval
 from qrs.errors import QrsError
@@ -81,12 +81,18 @@ def test_analyze_writes_stats_plots_and_a_self_contained_report(prepared_small: 
     assert saved["modes"]["test"]["qrs"]["mann_whitney_p"] == pytest.approx(expected_p)
     hits = rows[rows.label == 1]["pointing_hit"].dropna()
     assert saved["modes"]["test"]["localisation"]["pointing_game"] == pytest.approx(hits.mean())
+    caught = rows[(rows.label == 1) & (rows.prediction == 1)]
+    table = saved["modes"]["test"]["agreement"]["table"]
+    assert table["caught"] == {"qrs_0": int((caught["qrs"] == 0).sum()), "qrs_above_0": int((caught["qrs"] > 0).sum())}
+    assert sum(v for row in table.values() for v in row.values()) == len(rows)
     for mode in ("train", "test"):
         for ext in ("png", "svg"):
             assert (tmp_path / "x" / "analysis" / f"qrs_distribution_{mode}.{ext}").stat().st_size > 1000
+        assert (tmp_path / "x" / "analysis" / f"agreement_{mode}.png").stat().st_size > 1000
     html = result.report.read_text()
     for heading in ("Classification (test split)", "QRS: defective vs non-defective", "Localisation",
-                    "Distributions", "Highest QRS (test)", "Missed defects", "False alarms"):
+                    "Agreement of QRS with the classifier", "Distributions", "Highest QRS (test)", "Missed defects",
+                    "False alarms"):
         assert heading in html
     assert "resnet18 &middot; Grad-CAM++" in html and "0.5000" in html
     cal = read_checkpoint(model)["meta"]["calibration"]
@@ -94,7 +100,7 @@ def test_analyze_writes_stats_plots_and_a_self_contained_report(prepared_small: 
     assert (f"(anchor good: 0.99 quantile of the map peaks of {cal['n_parts']} good {cal['split']} parts)") in html
     images = re.findall(r"src='data:image/png;base64,", html)
     n_top = min(8, len(rows)) + min(8, len(pd.read_csv(tmp_path / "x" / "gradcam_weights_train.csv")))
-    assert len(images) >= 2 + 2 * n_top
+    assert len(images) >= 4 + 2 * n_top
     assert "http://" not in html and "https://" not in html
     svg = (tmp_path / "x" / "analysis" / "qrs_distribution_test.svg").read_text()
     for text in ("<!-- resnet18 &amp; Grad-CAM++ -->", "<!-- QRS (Quality Risk Score) -->", "<!-- Count -->",
@@ -223,3 +229,23 @@ def test_without_resamples_sweep_or_stored_roi(prepared_64: Path, tmp_path: Path
                                          "stored them): re-run `qrs extract` for the threshold sweep"}
     with pytest.raises(QrsError, match="--n-resamples must be >= 0, got -5"):
         analyze(tmp_path / "x", n_resamples=-5)
+
+
+def test_agreement_counts_each_verdict_by_qrs_and_compares_aurocs() -> None:
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+    prediction = np.array([1, 1, 1, 0, 0, 0, 0, 1, 1])
+    qrs = np.array([0.2, 0.0, 0.1, 0.05, 0.0, 0.0, 0.3, 0.0, 0.4])
+    p = np.array([0.9, 0.8, 0.95, 0.4, 0.1, 0.2, 0.3, 0.6, 0.7])
+    peak = np.array([5.0, 1.0, 4.0, 3.0, 0.5, 0.4, 6.0, 0.2, 2.0])
+    out = agreement(labels, prediction, p, qrs, peak)
+    assert out["table"] == {"caught": {"qrs_0": 1, "qrs_above_0": 2}, "missed": {"qrs_0": 0, "qrs_above_0": 1},
+                            "passed": {"qrs_0": 2, "qrs_above_0": 1}, "flagged": {"qrs_0": 1, "qrs_above_0": 1}}
+    assert out["caught_with_qrs"] == pytest.approx(2 / 3) and out["passed_at_0"] == pytest.approx(2 / 3)
+    # AUROC by counting pairs (defective above good, ties half) instead of scikit-learn
+    def pairs(scores: np.ndarray) -> float:
+        bad, good = scores[labels == 1], scores[labels == 0]
+        return float(np.mean([(b > g) + 0.5 * (b == g) for b in bad for g in good]))
+    assert out["auroc_p_defective"] == pytest.approx(pairs(p)) and out["auroc_peak"] == pytest.approx(pairs(peak))
+    assert out["auroc_qrs"] == pytest.approx(pairs(qrs))
+    one_class = agreement(np.ones(3), np.ones(3), np.ones(3), np.ones(3), np.ones(3))
+    assert one_class["auroc_qrs"] is None and one_class["passed_at_0"] is None and one_class["caught_with_qrs"] == 1.0

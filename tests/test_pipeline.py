@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from qrs import pipeline
@@ -39,8 +40,11 @@ def test_repeat_runs_every_seed_tabulates_them_and_skips_finished_seeds(prepared
         extract = pd.read_csv(run / "extract" / "gradcam_weights_test.csv")
         good = extract.loc[extract["label"] == 0, "qrs"]
         defective = extract[extract["label"] == 1]
+        caught = defective[defective["prediction"] == 1]
         per_seed[seed] = [metrics["best_loss.pt"]["f1"], metrics["best_acc.pt"]["f1"], metrics["best_loss.pt"]["ap"],
-                          metrics["best_loss.pt"]["auroc"], test["qrs"]["auroc"], test["qrs"]["mann_whitney_p"],
+                          metrics["best_loss.pt"]["auroc"], roc_auc_score(extract["label"], extract["peak"]),
+                          test["qrs"]["auroc"], (caught["qrs"] > 0).mean() if len(caught) else np.nan,
+                          test["qrs"]["mann_whitney_p"],
                           (good == 0).mean(), defective["pointing_hit"].mean(), defective["energy_in_boxes"].mean(),
                           defective["iou"].mean(), np.nan, pd.read_csv(run / "run" / "log.csv")["time_s"].mean()]
     table = pd.read_csv(out / "repeat.csv", index_col="seed")

@@ -100,6 +100,38 @@ def localisation_summary(rows: Any) -> dict[str, Any]:
     return out
 
 
+AGREEMENT_ROWS = (("caught", 1, 1), ("missed", 1, 0), ("passed", 0, 0), ("flagged", 0, 1))
+"""The agreement table's rows: (name, label, prediction): caught and missed defective parts, passed
+and flagged good parts."""
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else None
+
+
+def agreement(labels: np.ndarray, prediction: np.ndarray, p_defective: np.ndarray, qrs: np.ndarray,
+              peak: np.ndarray) -> dict[str, Any]:
+    """Does QRS say what the classifier says? Caught / missed defective and passed / flagged good
+    parts, each split by QRS = 0 and QRS > 0; the share of caught defective parts with QRS > 0 and of
+    passed good parts at 0; AUROC of p_defective, of the raw map's peak and of QRS side by side (the
+    peak bounds what a calibrated threshold on the map can separate)."""
+    labels, prediction = np.asarray(labels).astype(int), np.asarray(prediction).astype(int)
+    above = np.asarray(qrs, dtype=np.float64) > 0
+    table = {name: {"qrs_0": int(((labels == lab) & (prediction == pred) & ~above).sum()),
+                    "qrs_above_0": int(((labels == lab) & (prediction == pred) & above).sum())}
+             for name, lab, pred in AGREEMENT_ROWS}
+
+    def share(row: dict[str, int], key: str) -> float | None:
+        n = row["qrs_0"] + row["qrs_above_0"]
+        return row[key] / n if n else None
+
+    return {"table": table, "caught_with_qrs": share(table["caught"], "qrs_above_0"),
+            "passed_at_0": share(table["passed"], "qrs_0"),
+            "auroc_p_defective": _auroc(labels, np.asarray(p_defective, dtype=np.float64)),
+            "auroc_peak": _auroc(labels, np.asarray(peak, dtype=np.float64)),
+            "auroc_qrs": _auroc(labels, np.asarray(qrs, dtype=np.float64))}
+
+
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 """The thresholds tau of the threshold sweep."""
 
@@ -181,6 +213,28 @@ def sweep_plot(sweep: list[dict[str, Any]], chosen: float, out_base: str | os.Pa
         ax.axvline(chosen, color="grey", linestyle="--")
         ax.set_xlabel(f"threshold tau (chosen: {chosen:g}, dashed)")
     fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, out_base, ("png",))
+
+
+def agreement_plot(p_defective: np.ndarray, qrs: np.ndarray, labels: np.ndarray, out_base: str | os.PathLike[str],
+                   *, title: str = "") -> list[Path]:
+    """p_defective (x) against QRS (y, linear up to 1e-4 then logarithmic, so QRS = 0 stays visible) per
+    part, coloured by class, with the classifier's 0.5 cut; PNG only."""
+    plt = _pyplot()
+    labels = np.asarray(labels).astype(int)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for lab, name, colour in ((0, "non-defective", "tab:blue"), (1, "defective", "tab:red")):
+        chosen = labels == lab
+        ax.scatter(np.asarray(p_defective)[chosen], np.asarray(qrs)[chosen], s=14, alpha=0.6, color=colour,
+                   label=f"{name} (n = {int(chosen.sum())})")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.axvline(0.5, color="grey", linestyle="--")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("p_defective (dashed: the classifier's cut, 0.5)")
+    ax.set_ylabel("QRS")
+    ax.legend(loc="upper left")
+    ax.set_title(title)
     fig.tight_layout()
     return _save_figure(fig, out_base, ("png",))
 

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qrs.analysis import (SWEEP_THRESHOLDS, deletion_plot, distribution_plot, localisation_summary, qrs_statistics,
-                          sweep_plot, threshold_sweep)
+from qrs.analysis import (SWEEP_THRESHOLDS, agreement, agreement_plot, deletion_plot, distribution_plot,
+                          localisation_summary, qrs_statistics, sweep_plot, threshold_sweep)
 from qrs.atomic import write_json, write_text
 from qrs.bootstrap import BootstrapOptions, qrs_intervals, with_interval
 from qrs.cam import maps_from_raw
@@ -229,9 +229,14 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
     plots: list[Path] = []
     for mo in outputs:
         labels, qrs = mo.rows["label"].to_numpy(), mo.rows["qrs"].to_numpy()
+        rows = mo.rows
         entry = {"qrs": qrs_statistics(qrs, labels), "qrs_ci": qrs_intervals(labels, qrs, bootstrap),
-                 "localisation": localisation_summary(mo.rows), "per_defect_type": per_defect_type(mo.rows),
-                 "n_images": int(len(mo.rows))}
+                 "agreement": agreement(labels, rows["prediction"].to_numpy(), rows["p_defective"].to_numpy(), qrs,
+                                        rows["peak"].to_numpy()),
+                 "localisation": localisation_summary(rows), "per_defect_type": per_defect_type(rows),
+                 "n_images": int(len(rows))}
+        plots += agreement_plot(rows["p_defective"].to_numpy(), qrs, labels, out / f"agreement_{mo.mode}",
+                                title=f"{mo.mode} split: p_defective and QRS per part")
         plots += distribution_plot(qrs, labels, mo.options["arch"], out / f"qrs_distribution_{mo.mode}",
                                    method_label=METHOD_LABELS.get(mo.options["method"], mo.options["method"]),
                                    subtitle=f"{mo.mode} split, n = {len(mo.rows)}")
@@ -367,6 +372,30 @@ def _how_sure(stats: dict[str, Any], metrics: dict[str, Any] | None, plots: list
     return "".join(parts)
 
 
+def _agreement_section(stats: dict[str, Any], plots: list[Path]) -> str:
+    """Does QRS say what the classifier says: the parts per verdict split by QRS = 0 / > 0, the AUROCs of
+    p_defective, the map peak and QRS, and the scatter of p_defective against QRS."""
+    labels = {"caught": "defective, caught (fail)", "missed": "defective, missed (pass)", "passed": "good, passed",
+              "flagged": "good, flagged (fail)"}
+    parts = ["<h2>Agreement of QRS with the classifier</h2><p>A defective part the classifier catches (p_defective "
+             "&gt; 0.5) should show evidence beyond normal variation (QRS &gt; 0), and a good part it passes "
+             "should not. The map's peak is what the calibrated threshold acts on: its AUROC bounds how well QRS "
+             "can separate the classes.</p>"]
+    for mode, st in stats["modes"].items():
+        ag = st["agreement"]
+        table = ag["table"]
+        rows = [[labels[name], str(table[name]["qrs_0"]), str(table[name]["qrs_above_0"])] for name in labels]
+        caught = table["caught"]["qrs_0"] + table["caught"]["qrs_above_0"]
+        passed = table["passed"]["qrs_0"] + table["passed"]["qrs_above_0"]
+        parts.append(f"<h3>{mode}</h3>" + _table(["parts", "QRS = 0", "QRS &gt; 0"], rows)
+                     + f"<p>Caught defective parts with QRS &gt; 0: {table['caught']['qrs_above_0']} of {caught}"
+                     f" ({_fmt(ag['caught_with_qrs'])}); passed good parts at QRS 0: {table['passed']['qrs_0']} of "
+                     f"{passed} ({_fmt(ag['passed_at_0'])}). AUROC of p_defective {_fmt(ag['auroc_p_defective'])}, "
+                     f"of the map peak {_fmt(ag['auroc_peak'])}, of QRS {_fmt(ag['auroc_qrs'])}.</p>"
+                     + _images(plots, f"agreement_{mode}"))
+    return "".join(parts)
+
+
 def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: dict[str, Any] | None,
                   plots: list[Path]) -> str:
     """The whole report as one HTML string (images embedded as data URIs)."""
@@ -389,6 +418,7 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
           f"{_fmt(q['median_defective'])} / {_fmt(q['median_good'])}",
           f"{_fmt(q['zero_share_defective'])} / {with_interval(q['zero_share_good'], st['qrs_ci']['zero_share_good'])}"]
          for mode, st in stats["modes"].items() for q in [st["qrs"]]]))
+    sections.append(_agreement_section(stats, plots))
     sections.append("<h2>Localisation (defective images with regions)</h2>" + _table(
         ["split", "pointing game (15 px at 224)", "energy in defect boxes", "IoU of M ≥ τ with the mask"],
         [[mode, _fmt(loc["pointing_game"]), _fmt(loc["energy_in_boxes"]), _fmt(loc["iou"])]
