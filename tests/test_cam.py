@@ -12,16 +12,22 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
-from qrs.cam import METHODS, CamResult, compute_cams, gap_linear, maps_from_raw
+from qrs.cam import METHODS, CamResult, closed_form_cam, compute_cams, gap_linear, maps_from_raw
 from qrs.model import build_model
 
 GRAD_CAM_CLASSES = {
+    "evidence": GradCAM,  # with the log-odds as its target, see grad_cam_targets
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "xgradcam": XGradCAM,
     "layercam": LayerCAM,
     "hirescam": HiResCAM,
 }
+
+
+def grad_cam_targets(method: str, n: int) -> list:
+    """The grad-cam package's targets for class 1: its logit, or its log-odds for the evidence map."""
+    return [(lambda out: out[1] - out[0]) if method == "evidence" else ClassifierOutputTarget(1)] * n
 
 
 def tiny_resnet(seed: int = 0) -> nn.Module:
@@ -89,8 +95,12 @@ class ToyModel(nn.Module):
 
 
 def reference_cam(method: str, a: list, g: list, compat: bool = False) -> list[list[float]]:
-    """The methods' definitions written out with plain Python loops, independently of qrs.cam."""
+    """The methods' definitions written out with plain Python loops, independently of qrs.cam. ``g`` is the
+    gradient of the class-1 logit; the evidence map is Grad-CAM of the log-odds, whose gradient is g minus
+    the class-0 weights (0.3 everywhere in ToyModel)."""
     k_range, ij = range(len(a)), [(i, j) for i in range(2) for j in range(2)]
+    if method == "evidence":
+        method, g = "gradcam", [[[v - 0.3 for v in row] for row in gk] for gk in g]
     relu = lambda v: max(v, 0.0)  # noqa: E731
     s = [sum(a[k][i][j] for i, j in ij) for k in k_range]
     if method in ("layercam", "hirescam"):
@@ -153,7 +163,7 @@ def test_toy_compat_matches_grad_cam_package(method: str) -> None:
     model = ToyModel(TOY_G).eval()
     x = torch.zeros(1, 3, 4, 4)
     with GRAD_CAM_CLASSES[method](model, target_layers=[model.layer4]) as cam:
-        expected = cam(x, targets=[ClassifierOutputTarget(1)])
+        expected = cam(x, targets=grad_cam_targets(method, 1))
     ours = compute_cams(model, x, method=method, compat=True).maps
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-4, rtol=0)
 
@@ -221,7 +231,7 @@ def test_maps_from_raw_gives_back_the_maps_of_the_pass(model: nn.Module, images:
 def test_compat_matches_grad_cam_package(model: nn.Module, images: Tensor, method: str, batch: int) -> None:
     x = images[:batch]
     with GRAD_CAM_CLASSES[method](model, target_layers=[model.layer4]) as cam:
-        expected = cam(x, targets=[ClassifierOutputTarget(1)] * batch)
+        expected = cam(x, targets=grad_cam_targets(method, batch))
     model.zero_grad(set_to_none=True)
     ours = compute_cams(model, x, method=method, compat=True)
     assert ours.maps.shape == expected.shape
@@ -302,7 +312,8 @@ def test_hook_removed_when_the_call_fails(model: nn.Module, images: Tensor) -> N
 
 
 def test_unknown_method_lists_valid_ones(model: nn.Module, images: Tensor) -> None:
-    with pytest.raises(ValueError, match=r"unknown method 'scorecam'; valid methods: gradcam, gradcam\+\+, xgradcam"):
+    with pytest.raises(ValueError,
+                       match=r"unknown method 'scorecam'; valid methods: gradcam\+\+, evidence, gradcam, xgradcam"):
         compute_cams(model, images, method="scorecam")
 
 
@@ -410,4 +421,35 @@ def test_dilated_models_closed_form_and_compat(arch: str, layer: str, output_str
     net.zero_grad(set_to_none=True)
     ours = compute_cams(net, x, compat=True)
     assert ours.maps.shape == expected.shape == (2, 64, 96)
+    np.testing.assert_allclose(ours.maps.numpy(), expected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the class-evidence map (Grad-CAM of the log-odds)
+
+
+def test_evidence_map_is_the_log_odds_share_of_each_cell(model: nn.Module, images: Tensor) -> None:
+    result = compute_cams(model, images, method="evidence")
+    with torch.no_grad():
+        a = model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(images))))))))
+        signed = torch.einsum("k,bkij->bij", model.fc.weight[1] - model.fc.weight[0], a) / (a.shape[-2] * a.shape[-1])
+        logits = model(images)
+    torch.testing.assert_close(result.raw, signed.clamp(min=0), atol=1e-6, rtol=0)
+    # The mean of the signed map over the cells is the log-odds minus the difference of the biases.
+    log_odds = logits[:, 1] - logits[:, 0]
+    torch.testing.assert_close(signed.mean(dim=(1, 2)) * 9, log_odds - (model.fc.bias[1] - model.fc.bias[0]),
+                               atol=1e-5, rtol=0)
+    general = compute_cams(Wrapped(model).eval(), images, method="evidence", layer="net.layer4")
+    torch.testing.assert_close(result.raw, general.raw, atol=1e-5, rtol=0)
+    for target_class in (0, 1):
+        split = gap_linear(model)
+        torch.testing.assert_close(
+            closed_form_cam(split, a, target_class, method="evidence"),
+            compute_cams(model, images, method="evidence", target_class=target_class).raw, atol=1e-6, rtol=0)
+
+
+def test_evidence_compat_matches_grad_cam_with_a_log_odds_target(model: nn.Module, images: Tensor) -> None:
+    with GradCAM(model, target_layers=[model.layer4]) as cam:
+        expected = cam(images, targets=[lambda out: out[1] - out[0]] * 4)
+    model.zero_grad(set_to_none=True)
+    ours = compute_cams(model, images, method="evidence", compat=True)
     np.testing.assert_allclose(ours.maps.numpy(), expected, atol=1e-4, rtol=0)

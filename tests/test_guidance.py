@@ -132,10 +132,11 @@ def test_guidance_reports_itself_in_the_first_lines_the_log_and_the_checkpoint(
     index = PreparedDataset(guided_data).index
     n_defective = int(((index["split"] == "train") & (index["label"] == 1)).sum())
     first = capsys.readouterr().out.splitlines()[0]
-    assert first == ("mask guidance: energy loss, weight 3 (ramped up over the first 20% of the steps), masks dilated "
-                     f"by 4 px; masks of {n_defective} of the {n_defective} defective training images are used")
+    assert first == ("mask guidance: energy loss on the gradcam++ map, weight 3 (ramped up over the first 20% of the "
+                     f"steps), masks dilated by 4 px; masks of {n_defective} of the {n_defective} defective training "
+                     "images are used")
     meta = read_checkpoint(guided.last_path)["meta"]
-    assert meta["mask_guidance"] == {"loss": "energy", "weight": 3.0, "warmup": 0.2, "dilate": 4,
+    assert meta["mask_guidance"] == {"loss": "energy", "map": "gradcam++", "weight": 3.0, "warmup": 0.2, "dilate": 4,
                                      "n_masked": n_defective, "n_defective": n_defective}
     assert meta["train_config"]["mask_loss"] == "energy"
     assert "mask_guidance" not in read_checkpoint(plain.last_path)["meta"]
@@ -177,7 +178,7 @@ def test_mask_fraction_and_missing_masks(guided_data: Path, tmp_path: Path, caps
     first, second = capsys.readouterr().out.splitlines()[:2]
     assert first == ("note: mask guidance is on by default (--mask-loss auto: the training split has defect masks "
                      "or boxes); --mask-loss none trains on the labels alone")
-    assert second.startswith("mask guidance: energy loss, weight 1 ")
+    assert second.startswith("mask guidance: energy loss on the gradcam++ map, weight 1 ")
     meta = read_checkpoint(guided.last_path)["meta"]
     assert meta["train_config"]["mask_loss"] == "auto" and meta["mask_guidance"]["loss"] == "energy"
 
@@ -200,8 +201,8 @@ def test_extract_stats_and_report_say_whether_the_model_was_mask_guided(guided_d
         if guided:
             guidance = read_checkpoint(run.best_loss_path)["meta"]["mask_guidance"]
             assert result.stats["options"]["mask_guidance"] == guidance
-            assert (f"Mask-guided training: energy loss, weight 1, masks dilated by 4 px, masks of "
-                    f"{guidance['n_masked']} of {guidance['n_defective']} defective training images used.") in html
+            assert ("Mask-guided training: energy loss on the Grad-CAM++ map, weight 1, masks dilated by 4 px, "
+                    f"masks of {guidance['n_masked']} of {guidance['n_defective']} defective training images used.") in html
         else:
             assert "Trained without mask guidance (classification loss only)." in html
 

@@ -1,7 +1,11 @@
 """Class activation maps (Grad-CAM++ and relatives) for one target class; torch in, torch out.
 
 The machinery is written once: get the target layer's activations A (B x K x h x w), the gradients
-g = dy/dA of the target-class logit y, and the logits, then each method is a small function of (A, g).
+g = dy/dA of the target y, and the logits, then each method is a small function of (A, g). The target
+is the target class's logit, or for ``evidence`` its log-odds (z_c - z_other for two classes): Grad-CAM
+of the log-odds, whose map for a GAP + linear head is the class-evidence map sum_k (W[c,k] - W[o,k]) A_k
+/ (h w), the share of each cell in the decision (its mean over the cells is the log-odds minus the
+difference of the biases).
 Two ways to get (A, g), chosen automatically (QRS_SPEC section 2):
 
 - fast path: a model qrs can explain in closed form (:class:`GapLinear`: its target feature map is
@@ -103,8 +107,11 @@ _CAMS: dict[str, CamFunction] = {
     "layercam": _layercam,
     "hirescam": _hirescam,
 }
+_CAMS["evidence"] = _gradcam
 _COMPAT_CAMS: dict[str, CamFunction] = {"gradcam++": _gradcam_pp_compat}
 """Methods whose grad-cam package formula differs from ours; the others only differ in scaling."""
+LOG_ODDS_METHODS = frozenset({"evidence"})
+"""Methods whose target is the class's log-odds instead of its logit."""
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,17 @@ class GapLinear:
     head: Callable[[Tensor], Tensor]
     linear: nn.Linear
 
-    def gradient(self, a: Tensor, target_class: int) -> Tensor:
-        """g = dy_c / dA = W[c, k] / (h w), expanded to A's shape."""
+    def gradient(self, a: Tensor, target_class: int, *, log_odds: bool = False) -> Tensor:
+        """g = dy / dA, expanded to A's shape: W[c, k] / (h w) for the logit of class c, and with
+        ``log_odds`` (two classes) (W[c, k] - W[o, k]) / (h w) for its log-odds z_c - z_o."""
         h, w = a.shape[-2:]
-        return (self.linear.weight[target_class] / (h * w)).to(a.dtype).view(1, -1, 1, 1).expand_as(a)
+        weight = self.linear.weight
+        row = weight[target_class]
+        if log_odds:
+            if weight.shape[0] != 2:
+                raise ValueError(f"the log-odds map in closed form needs two classes, the head has {weight.shape[0]}")
+            row = row - weight[1 - target_class]
+        return (row / (h * w)).to(a.dtype).view(1, -1, 1, 1).expand_as(a)
 
 
 def _resnet_split(model: nn.Module, layer: nn.Module) -> GapLinear | None:
@@ -201,10 +215,14 @@ def target_layer(model: nn.Module, layer: nn.Module | str | None = None) -> nn.M
     raise ValueError(f"layer must be None, an nn.Module or a dotted name, got {type(layer).__name__}")
 
 
-def closed_form_cam(split: GapLinear, a: Tensor, target_class: int = 1) -> Tensor:
-    """The raw Grad-CAM++ map C (B x h x w) of a closed-form model from its activations A, with autograd
-    left on: differentiable in A and in the linear layer's weights (mask-guided training, QRS_SPEC 2b)."""
-    return _gradcam_pp(a.float(), split.gradient(a.float(), target_class)).clamp(min=0)
+def closed_form_cam(split: GapLinear, a: Tensor, target_class: int = 1, method: str = "gradcam++") -> Tensor:
+    """The raw map C (B x h x w) of ``method`` (Grad-CAM++ by default) of a closed-form model from its
+    activations A, with autograd left on: differentiable in A and in the linear layer's weights
+    (mask-guided training, QRS_SPEC 2b)."""
+    if method not in _CAMS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    g = split.gradient(a.float(), target_class, log_odds=method in LOG_ODDS_METHODS)
+    return _CAMS[method](a.float(), g).clamp(min=0)
 
 
 def _check_target(logits: Tensor, target_class: int) -> None:
@@ -214,20 +232,30 @@ def _check_target(logits: Tensor, target_class: int) -> None:
         raise ValueError(f"target_class {target_class} out of range for {logits.shape[1]} classes")
 
 
-def _fast_activations(split: GapLinear, images: Tensor, target_class: int) -> tuple[Tensor, Tensor, Tensor]:
+def _fast_activations(split: GapLinear, images: Tensor, target_class: int,
+                      log_odds: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(A, g, logits) of a closed-form model from one forward pass, without autograd."""
     with torch.no_grad():
         a = split.features(images)
         logits = split.head(a)
         _check_target(logits, target_class)
-        g = split.gradient(a, target_class)
+        g = split.gradient(a, target_class, log_odds=log_odds)
     return a, g, logits
 
 
+def _target(logits: Tensor, target_class: int, log_odds: bool) -> Tensor:
+    """Per image, the logit of ``target_class`` or its log-odds log p_c - log(1 - p_c) = z_c - logsumexp of
+    the other logits (z_c - z_o for two classes)."""
+    if not log_odds:
+        return logits[:, target_class]
+    others = torch.cat([logits[:, :target_class], logits[:, target_class + 1:]], dim=1)
+    return logits[:, target_class] - torch.logsumexp(others, dim=1)
+
+
 def _autograd_activations(
-    model: nn.Module, layer: nn.Module, images: Tensor, target_class: int
+    model: nn.Module, layer: nn.Module, images: Tensor, target_class: int, log_odds: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(A, g, logits) for any layer: hook the activation, differentiate the summed target logits.
+    """(A, g, logits) for any layer: hook the activation, differentiate the summed targets (logits or log-odds).
 
     The hook hands the rest of the network a copy of a detached leaf, so gradients stop at A (no
     backward through earlier layers, parameters frozen or not) and in-place operations downstream
@@ -256,7 +284,7 @@ def _autograd_activations(
             raise ValueError(f"model output must be a logits tensor, got {type(logits).__name__}")
         _check_target(logits, target_class)
         (a,) = captured
-        y = logits[:, target_class].sum()
+        y = _target(logits, target_class, log_odds).sum()
         (g,) = torch.autograd.grad(y, a, allow_unused=True) if y.requires_grad else (None,)
     if g is None:
         raise ValueError("the target-class logit does not depend on the target layer's output")
@@ -297,6 +325,7 @@ def compute_cams(
     a submodule, or a dotted submodule name.
     compat: reproduce the grad-cam package (its Grad-CAM++ alpha, and its per-image min-max scaling
     applied before and after the upsampling, in its order) instead of the spec's raw maps.
+    method ``evidence`` explains the log-odds of ``target_class`` rather than its logit.
     """
     if method not in _CAMS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -317,10 +346,11 @@ def compute_cams(
         images = images.to(reference.device)
 
     split = gap_linear(model, target)
-    if split is not None:
-        a, g, logits = _fast_activations(split, images, target_class)
+    log_odds = method in LOG_ODDS_METHODS
+    if split is not None and (not log_odds or split.linear.out_features == 2):
+        a, g, logits = _fast_activations(split, images, target_class, log_odds)
     else:
-        a, g, logits = _autograd_activations(model, target, images, target_class)
+        a, g, logits = _autograd_activations(model, target, images, target_class, log_odds)
 
     cam = (_COMPAT_CAMS if compat else _CAMS).get(method, _CAMS[method])
     with torch.no_grad():

@@ -161,6 +161,8 @@ def train(
                                                        show_default=False)] = None,
     mask_fraction: Annotated[float, typer.Option(help="Share of the defective training images whose mask is used "
                                                       "(seeded; mixed supervision).")] = 1.0,
+    mask_map: Annotated[Method, typer.Option(help="The map the mask term shapes (the map QRS is computed on, "
+                                                  "`qrs calibrate --method`).")] = "gradcam++",
     out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
                                                      "(default: runs/ beside the data)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
@@ -174,7 +176,7 @@ def train(
         batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
         warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
         mask_loss=mask_loss, mask_weight=mask_weight, mask_warmup=mask_warmup, mask_dilate=mask_dilate,
-        mask_fraction=mask_fraction,
+        mask_fraction=mask_fraction, mask_map=mask_map,
         patience=patience, seed=seed,
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
         best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,

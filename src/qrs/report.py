@@ -37,8 +37,8 @@ from qrs.overlay import png_bytes, render_overlay
 from qrs.score import normalize_maps, quality_risk_scores
 
 GALLERY_SIZE = 8
-METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
-                 "hirescam": "HiResCAM"}
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "evidence": "class evidence",
+                 "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "hirescam": "HiResCAM"}
 
 
 @dataclass
@@ -268,7 +268,8 @@ def _guidance_text(guidance: dict[str, Any] | None) -> str:
     """How the model was trained with respect to the defect masks (QRS_SPEC section 2b)."""
     if not guidance:
         return "Trained without mask guidance (classification loss only)."
-    return (f"Mask-guided training: energy loss, weight {guidance['weight']:g}, masks dilated by "
+    shaped = METHOD_LABELS.get(guidance.get("map", "gradcam++"), guidance.get("map"))
+    return (f"Mask-guided training: energy loss on the {shaped} map, weight {guidance['weight']:g}, masks dilated by "
             f"{guidance['dilate']} px, masks of {guidance['n_masked']} of {guidance['n_defective']} defective "
             "training images used.")
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from qrs.atomic import write_text
 from qrs.cam import GapLinear, closed_form_cam, gap_linear
-from qrs.choices import Augment, ClassWeights, MaskLoss, Optimizer, Schedule
+from qrs.choices import METHODS, Augment, ClassWeights, MaskLoss, Optimizer, Schedule
 from qrs.data.dataset import PreparedDataset
 from qrs.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers,
                              init_distributed, main_first, shard_indices)
@@ -64,6 +64,7 @@ class TrainConfig:
     mask_warmup: float = 0.2
     mask_dilate: int | None = None
     mask_fraction: float = 1.0
+    mask_map: str = "gradcam++"
     patience: int = 10
     seed: int = 0
     device: str = "auto"
@@ -155,6 +156,8 @@ class MaskGuidance:
     split: GapLinear
     use: torch.Tensor
     """(N,) bool over the training split: defective images with a mask (or boxes) chosen for supervision."""
+    method: str
+    """The map the term shapes (a CAM method, :data:`qrs.choices.METHODS`)."""
     dilate: int
     weight: float
     warmup: float
@@ -162,8 +165,8 @@ class MaskGuidance:
 
     def summary(self, n_defective: int) -> dict[str, Any]:
         """What goes into the log and the checkpoint metadata."""
-        return {"loss": "energy", "weight": self.weight, "warmup": self.warmup, "dilate": self.dilate,
-                "n_masked": int(self.use.sum()), "n_defective": n_defective}
+        return {"loss": "energy", "map": self.method, "weight": self.weight, "warmup": self.warmup,
+                "dilate": self.dilate, "n_masked": int(self.use.sum()), "n_defective": n_defective}
 
 
 class WithFeatures(nn.Module):
@@ -210,6 +213,8 @@ def mask_guidance(cfg: TrainConfig, model: nn.Module, data: PreparedDataset, tot
         return None
     if not 0 <= cfg.mask_fraction <= 1 or cfg.mask_weight < 0 or not 0 <= cfg.mask_warmup <= 1:
         raise QrsError("--mask-fraction and --mask-warmup must be in [0, 1] and --mask-weight >= 0")
+    if cfg.mask_map not in METHODS:
+        raise QrsError(f"unknown --mask-map {cfg.mask_map!r}; expected one of {', '.join(METHODS)}")
     split = gap_linear(model)
     if split is None:
         raise QrsError(f"--mask-loss energy needs a model explained in closed form; {cfg.arch} is not")
@@ -226,7 +231,7 @@ def mask_guidance(cfg: TrainConfig, model: nn.Module, data: PreparedDataset, tot
     dilate = default_dilation(data.img_size) if cfg.mask_dilate is None else cfg.mask_dilate
     if dilate < 0:
         raise QrsError(f"--mask-dilate must be >= 0 pixels, got {dilate}")
-    return MaskGuidance(split, use, dilate, cfg.mask_weight, cfg.mask_warmup, total_steps)
+    return MaskGuidance(split, use, cfg.mask_map, dilate, cfg.mask_weight, cfg.mask_warmup, total_steps)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -306,7 +311,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
                                   guidance.warmup)
                 chosen = select_masked(labels, defect.to(ctx.device), guidance.use[batch["index"]].to(ctx.device))
                 if chosen.any():
-                    cam = closed_form_cam(guidance.split, a[chosen])
+                    cam = closed_form_cam(guidance.split, a[chosen], method=guidance.method)
                     term = energy_loss(cam, grid_mask(defect.to(ctx.device)[chosen], cam.shape[-2:],
                                                       guidance.dilate)).mean()
                     loss = loss + lam * term
@@ -420,7 +425,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         meta["mask_guidance"] = guidance.summary(int((train_labels == 1).sum()))
         if ctx.is_main:
             g = meta["mask_guidance"]
-            print(f"mask guidance: energy loss, weight {g['weight']:g} (ramped up over the first "
+            print(f"mask guidance: energy loss on the {g['map']} map, weight {g['weight']:g} (ramped up over the first "
                   f"{g['warmup']:.0%} of the steps), masks dilated by {g['dilate']} px; masks of {g['n_masked']} "
                   f"of the {g['n_defective']} defective training images are used", flush=True)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp and ctx.device.type == "cuda")
