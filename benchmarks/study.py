@@ -6,7 +6,11 @@ A setting is NAME=HxW[:option=value...], the options being those of ``qrs train`
 fields), e.g. ``448s16=448x448:output_stride=16`` or ``lr1e-4=224x224:learning_rate=1e-4``. The base
 recipe (--arch, --pretrained, --epochs, --batch-size, --lr) applies to every setting unless the
 setting overrides it. Runs are kept under --workdir and a finished seed is not run again (``qrs
-repeat`` skips it), so an interrupted study continues.
+repeat`` skips it), so an interrupted study continues. Each seed extracts the test split only.
+
+--score-variants METHOD:QUANTILE ... scores every finished seed's best_loss.pt again without
+retraining: a copy calibrated with that map and good-anchor quantile, its test split extracted and
+analysed (no deletion test), one more table with a row per setting and variant.
 
 Data: --src DIR, a folder layout (good/, defect/, optional boxes.csv and split.csv, as DeepPCB's or
 what benchmarks/bsdata.py writes), or --demo for the demo's synthetic parts (500 + 150, KSDD2 layout).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -28,13 +33,41 @@ import numpy as np
 
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
+from qrs.extract import ScoreOptions, calibrate, extract
 from qrs.pipeline import REPEAT_COLUMNS, repeat
+from qrs.report import analyze
 from qrs.train import TrainConfig
 
 COLUMNS = {"f1_best_loss": "F1", "ap_best_loss": "AP", "auroc_best_loss": "AUROC", "peak_auroc": "peak AUROC",
            "qrs_auroc": "QRS AUROC", "caught_with_qrs": "caught, QRS > 0", "mann_whitney_p": "MW p", "good_at_0": "good at 0", "pointing_game": "pointing",
            "energy_in_boxes": "energy", "iou": "IoU", "deletion_area": "deletion", "s_per_epoch": "s/epoch"}
 """The repeat columns of the printed table and their short headers."""
+VARIANT_COLUMNS = {k: v for k, v in COLUMNS.items() if k in ("peak_auroc", "qrs_auroc", "caught_with_qrs",
+                                                             "mann_whitney_p", "good_at_0", "pointing_game",
+                                                             "energy_in_boxes", "iou")}
+
+
+def score_variant(seed_dir: Path, data_root: Path, method: str, quantile: float) -> dict[str, float | None]:
+    """The seed's best_loss.pt calibrated again with ``method`` and good-anchor ``quantile`` (on a copy),
+    its test split extracted and analysed: the variant columns (cached in the variant's directory)."""
+    work = seed_dir / "variants" / f"{method}-q{quantile:g}"
+    cached = work / "row.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model.pt"
+    shutil.copyfile(seed_dir / "run" / "best_loss.pt", model)
+    options = ScoreOptions(method=method)
+    calibrate(model, data_root, options=options, quantile=quantile, device="cpu", progress=False)
+    extract(data_root, model, modes=["test"], out_dir=work / "extract", options=options, device="cpu",
+            progress=False)
+    test = analyze(work / "extract", n_resamples=0, sweep=False, progress=False).stats["modes"]["test"]
+    row = {"peak_auroc": test["agreement"]["auroc_peak"], "qrs_auroc": test["qrs"]["auroc"],
+           "caught_with_qrs": test["agreement"]["caught_with_qrs"], "mann_whitney_p": test["qrs"]["mann_whitney_p"],
+           "good_at_0": test["qrs"]["zero_share_good"], "pointing_game": test["localisation"]["pointing_game"],
+           "energy_in_boxes": test["localisation"]["energy_in_boxes"], "iou": test["localisation"]["iou"]}
+    cached.write_text(json.dumps(row))
+    return row
 
 
 def parse_setting(text: str) -> tuple[str, tuple[int, int], dict[str, Any]]:
@@ -90,13 +123,14 @@ def _cell(values: list[float | None], key: str) -> str:
     return f"{finite.mean():.{digits}f} ± {std:.{digits}f}"
 
 
-def print_table(title: str, results: dict[str, dict[int, dict[str, float | None]]]) -> None:
+def print_table(title: str, results: dict[str, dict[int, dict[str, float | None]]],
+                columns: dict[str, str] = COLUMNS) -> None:
     """One markdown row per setting: mean ± std (ddof 1) over its seeds; Mann-Whitney p as a geometric mean."""
     print(f"\n{title}\n")
-    print("| setting | " + " | ".join(COLUMNS.values()) + " |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
+    print("| setting | " + " | ".join(columns.values()) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, rows in results.items():
-        cells = [_cell([r.get(k) for r in rows.values()], k) for k in COLUMNS]
+        cells = [_cell([r.get(k) for r in rows.values()], k) for k in columns]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -113,26 +147,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-faithfulness", action="store_true", help="skip the deletion test")
+    parser.add_argument("--score-variants", nargs="*", default=[], help="METHOD:QUANTILE, e.g. evidence:0.99")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--json", default=None, help="also write every seed's row to this file")
     args = parser.parse_args()
     work = Path(args.workdir)
     settings = [parse_setting(s) for s in args.settings]
     results: dict[str, dict[int, dict[str, float | None]]] = {}
+    variants: dict[str, dict[int, dict[str, float | None]]] = {}
     for name, size, options in settings:
         data_root = prepared(work, size, src=args.src, demo=args.demo)
         base = dict(arch=args.arch, pretrained=args.pretrained, num_epochs=args.epochs, batch_size=args.batch_size,
                     learning_rate=args.lr, patience=args.epochs, device="cpu")
         config = TrainConfig(data_root=data_root, **{**base, **options})
         print(f"=== {name}: {size[0]}x{size[1]}, {options or 'base recipe'}", flush=True)
-        table = repeat(config, args.seeds, work / name, faithfulness=not args.no_faithfulness, progress=False)
+        table = repeat(config, args.seeds, work / name, faithfulness=not args.no_faithfulness, modes=("test",),
+                       progress=False)
         results[name] = {int(seed): {k: _finite(v) for k, v in row.items()} for seed, row in table.rows.iterrows()}
+        for variant in args.score_variants:
+            method, _, quantile = variant.partition(":")
+            variants[f"{name} {variant}"] = {seed: score_variant(work / name / f"seed-{seed}", data_root, method,
+                                                                 float(quantile or 0.99)) for seed in args.seeds}
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": results, "variants": variants}, indent=1))
     source = "demo data" if args.demo else args.src
     print_table(f"{source}: {args.arch} ({args.pretrained}), {args.epochs} epochs, batch {args.batch_size}, lr "
                 f"{args.lr:g}, seeds {args.seeds}; test split, best_loss.pt; mean ± std (ddof 1), MW p geometric mean",
                 results)
+    if variants:
+        print_table("The same checkpoints scored again: map and good-anchor quantile (test split)", variants,
+                    VARIANT_COLUMNS)
     unused = set(REPEAT_COLUMNS) - set(COLUMNS)
     if unused:
         print(f"(also in each repeat.csv: {', '.join(sorted(unused))})")

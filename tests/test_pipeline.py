@@ -92,3 +92,9 @@ def test_seeds_are_multi_value_but_nothing_after_the_double_dash_changes() -> No
     argv = ["repeat", "--seeds", "0", "1", "2", "--out", "r", "--", "--data_root", "d", "--modes", "a", "b"]
     assert _expand_multi_value_options(argv) == ["repeat", "--seeds", "0", "--seeds", "1", "--seeds", "2", "--out",
                                                  "r", "--", "--data_root", "d", "--modes", "a", "b"]
+
+
+def test_the_pipeline_needs_the_test_split_among_its_modes(prepared_small: Path, tmp_path: Path) -> None:
+    with pytest.raises(QrsError, match="^the pipeline's modes must include test, got train$"):
+        pipeline.run_pipeline(prepared_small, tmp_path, TrainConfig(data_root=prepared_small), modes=("train",))
+    assert list(tmp_path.iterdir()) == []

@@ -49,12 +49,16 @@ def step(ctx: DistContext, name: str, done: bool = False) -> None:
 
 
 def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], config: TrainConfig, *,
-                 faithfulness: bool = False, progress: bool = True) -> AnalyzeResult | None:
+                 faithfulness: bool = False, modes: tuple[str, ...] = ("train", "test"),
+                 progress: bool = True) -> AnalyzeResult | None:
     """Train, evaluate, calibrate, extract and analyze ``data`` into ``out`` (see the module doc).
 
     ``config``'s data_root, out and resume are set here; ``faithfulness`` adds the deletion test of
-    the test split to the analysis. Returns the analysis on rank 0, None on the other ranks.
+    the test split to the analysis; ``modes``: the splits extracted and analysed (test among them).
+    Returns the analysis on rank 0, None on the other ranks.
     """
+    if "test" not in modes:
+        raise QrsError(f"the pipeline's modes must include test, got {', '.join(modes)}")
     data, out = Path(data), Path(out)
     ctx = init_distributed(config.device)
     run, ext = out / "run", out / "extract"
@@ -85,8 +89,8 @@ def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], conf
         _say(ctx, f"{describe_calibration(cal)}; risk cuts {cal['risk_cuts'] or cal['risk_note']}")
     barrier(ctx)
 
-    step(ctx, f"extract Grad-CAM++ and QRS for train and test -> {ext}")
-    extract(data, model, modes=["train", "test"], out_dir=ext, options=ScoreOptions(), device=cfg.device,
+    step(ctx, f"extract the maps and QRS for {' and '.join(modes)} -> {ext}")
+    extract(data, model, modes=list(modes), out_dir=ext, options=ScoreOptions(), device=cfg.device,
             progress=progress)
 
     step(ctx, "analyze: statistics, plots, report" + (", deletion test" if faithfulness else ""))
@@ -172,12 +176,12 @@ def _fmt_p(v: float) -> str:
 
 
 def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *, faithfulness: bool = False,
-           progress: bool = True) -> RepeatResult | None:
+           modes: tuple[str, ...] = ("train", "test"), progress: bool = True) -> RepeatResult | None:
     """``run_pipeline`` per training seed into ``out/seed-<k>`` on ``config.data_root`` (the split is
     that of ``qrs prepare``), then ``repeat.csv`` / ``repeat.json`` with mean +- std over the seeds.
     A seed whose ``summary.json`` exists is skipped (it must have the same training options).
-    ``faithfulness``: every seed's analysis runs the deletion test. Returns the table on rank 0, None
-    on the other ranks."""
+    ``faithfulness``: every seed's analysis runs the deletion test; ``modes``: the splits each seed
+    extracts. Returns the table on rank 0, None on the other ranks."""
     if not seeds:
         raise QrsError("give at least one seed: --seeds 0 1 2 3 4")
     if len(set(seeds)) != len(seeds):
@@ -200,7 +204,8 @@ def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *
             rows[seed] = saved["row"]
             continue
         _say(ctx, f"=== seed {seed} ({k}/{len(seeds)}) -> {seed_dir}")
-        run_pipeline(data, seed_dir, replace(config, seed=seed), faithfulness=faithfulness, progress=progress)
+        run_pipeline(data, seed_dir, replace(config, seed=seed), faithfulness=faithfulness, modes=modes,
+                     progress=progress)
         if ctx.is_main:
             rows[seed] = seed_row(seed_dir)
             write_json(summary_path, {"seed": seed, "train_options": options, "row": rows[seed]})
