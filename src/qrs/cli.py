@@ -342,9 +342,7 @@ def calibrate(
                         num_workers=num_workers)
     if not is_main_process():
         return
-    cuts = cal["risk_cuts"]
-    typer.echo(f"calibrated {model}: {describe_calibration(cal)}; "
-               + (f"risk cuts low {cuts['low']:.4g}, high {cuts['high']:.4g}" if cuts else cal["risk_note"]))
+    typer.echo(f"calibrated {model}: {describe_calibration(cal)}\nrisk levels: {cal['risk_note']}")
 
 
 @app.command()

@@ -229,11 +229,8 @@ def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[
     if has_val:
         rows = _score_split(model, data.split("val"), ctx, scale, options, batch_size, num_workers, progress,
                             desc="risk cuts")
-        cuts = risk_cuts(rows["qrs"], rows["label"])
-        if cuts is None:
-            calibration["risk_note"] = ("too few defective validation parts (or no QRS cut where >= 95% of parts "
-                                        "are defective): no risk levels")
-        else:
+        cuts, calibration["risk_note"] = risk_cuts(rows["qrs"], rows["label"])
+        if cuts is not None:
             calibration["risk_cuts"] = {"low": cuts[0], "high": cuts[1]}
     else:
         calibration["risk_note"] = "no validation split: no risk levels"

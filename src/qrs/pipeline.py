@@ -79,7 +79,7 @@ def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], conf
     step(ctx, "calibrate the QRS scale (anchor: good validation parts) and risk cut points", calibrated)
     if not calibrated:
         cal = calibrate(model, data, device=cfg.device, progress=progress)
-        _say(ctx, f"{describe_calibration(cal)}; risk cuts {cal['risk_cuts'] or cal['risk_note']}")
+        _say(ctx, f"{describe_calibration(cal)}\nrisk levels: {cal['risk_note']}")
     barrier(ctx)
 
     step(ctx, f"extract Grad-CAM++ and QRS for train and test -> {ext}")
