@@ -157,8 +157,16 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
                                                      "(default: runs/ beside the data)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
+    tensorboard: Annotated[Optional[Path], typer.Option(help="Also log to TensorBoard in this directory: the "
+                                                             "curves' values per step and per epoch, and every "
+                                                             "epoch the Grad-CAM++ overlays of 3 defective and 3 "
+                                                             "good validation parts. Needs the tensorboard extra "
+                                                             "(pip install -e '.[tensorboard]'). (default: none)")] = None,
 ) -> None:
-    """Train the pass/fail classifier; keep the best-loss and best-accuracy checkpoints."""
+    """Train the pass/fail classifier; keep the best-loss and best-accuracy checkpoints.
+
+    Every epoch OUT/log.csv and the training curves OUT/curves.png (and .svg) are rewritten.
+    """
     from qrs.distributed import is_main_process
     from qrs.train import TrainConfig, train as run_train
 
@@ -170,7 +178,7 @@ def train(
         mask_fraction=mask_fraction,
         patience=patience, seed=seed,
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
-        best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,
+        best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume, tensorboard=tensorboard,
     ))
     if result.history and is_main_process():
         last = result.history[-1]

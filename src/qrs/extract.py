@@ -362,7 +362,9 @@ def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str
             meta = {"mode": mode, "arch": model.qrs_meta["arch"], "model_path": str(model_path),
                     "data_dir": str(data_dir), "img_size": data.img_size, "scale": scale,
                     "calibration": calibration_source(calibration) if calibration else None,
-                    "mask_guidance": model.qrs_meta.get("mask_guidance"), **asdict(options),
+                    "mask_guidance": model.qrs_meta.get("mask_guidance"), "run_dir": model.qrs_meta.get("run_dir"),
+                    "risk_cuts": calibration.get("risk_cuts"), "risk_note": calibration.get("risk_note"),
+                    **asdict(options),
                     "excel_prefix": excel_prefix, "output_prefix": output_prefix}
             files[mode] = _write_mode(out, output_prefix, excel_prefix, mode, rows, result, meta)
     return ExtractResult(files, frames, scale)

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 ROI_COLOUR = np.array([0, 255, 255], dtype=np.float32)
 OVER_COLOUR = np.array([255, 255, 255], dtype=np.float32)
+DEFECT_COLOUR = np.array([255, 0, 255], dtype=np.float32)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -21,13 +22,16 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def render_overlay(rgb: np.ndarray, m: np.ndarray, roi: np.ndarray | None = None, over: np.ndarray | None = None,
-                   *, alpha: float = 0.45) -> np.ndarray:
+                   *, defect: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
     """Blend the normalised map ``m`` (HxW in [0, 1], jet colours) over ``rgb`` (HxWx3 uint8), then
-    draw the ROI outline (cyan) and the outline of the over-threshold region (white)."""
+    draw the ROI outline (cyan), the outline of a known defect mask (magenta) and the outline of the
+    over-threshold region (white)."""
     heat = colormaps["jet"](np.clip(m, 0.0, 1.0))[:, :, :3] * 255.0
     out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
     if roi is not None and not roi.all():
         out[_outline(roi)] = ROI_COLOUR
+    if defect is not None and defect.any():
+        out[_outline(defect)] = DEFECT_COLOUR
     if over is not None and over.any():
         out[_outline(over)] = OVER_COLOUR
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
