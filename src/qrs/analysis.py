@@ -1,4 +1,4 @@
-"""Statistics of QRS (QRS_SPEC section 5): defective vs non-defective tests, localisation metrics,
+"""Statistics of QRS (docs/method.md#statistics): defective vs non-defective tests, localisation metrics,
 and the distribution plot. Pure functions over arrays/tensors, plus the plot writer."""
 
 from __future__ import annotations

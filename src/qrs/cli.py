@@ -141,11 +141,12 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (bounds the "
                                                         "logits, so defect evidence is on a similar scale across "
                                                         "parts).")] = 0.0,
-    mask_loss: Annotated[MaskLoss, typer.Option(help="Mask guidance (QRS_SPEC 2b): energy adds, for defective training "
-                                                     "images with a mask or boxes, 1 - (share of the Grad-CAM++ map "
-                                                     "inside the dilated defect) to the loss; none: classification "
-                                                     "loss only (the paper's); auto: energy when the training split "
-                                                     "has masks or boxes, else none.")] = "auto",
+    mask_loss: Annotated[MaskLoss, typer.Option(help="Mask guidance (docs/method.md#mask-guided-training): energy "
+                                                     "adds, for defective training images with a mask or boxes, "
+                                                     "1 - (share of the Grad-CAM++ map inside the dilated defect) "
+                                                     "to the loss; none: classification loss only (the paper's); "
+                                                     "auto: energy when the training split has masks or boxes, "
+                                                     "else none.")] = "auto",
     mask_weight: Annotated[float, typer.Option(help="Weight lambda of the mask term.")] = 1.0,
     mask_warmup: Annotated[float, typer.Option(help="Share of the training steps over which lambda ramps up "
                                                     "linearly from 0.")] = 0.2,
@@ -337,10 +338,11 @@ def calibrate(
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Store the QRS calibration scale and the risk cut points in a checkpoint (QRS_SPEC section 3).
+    """Store the QRS calibration scale and the risk cut points in a checkpoint.
 
     Default: scale = 0.99 quantile of the map peaks of the good validation parts / threshold, so about
-    99% of good parts score QRS 0. Cuts: from the validation split.
+    99% of good parts score QRS 0. Cuts: from the validation split; the output says what each risk level
+    holds there. The rules: docs/method.md#calibration and docs/method.md#risk-levels.
     """
     from qrs.distributed import is_main_process
     from qrs.extract import calibrate as run_calibrate, describe_calibration

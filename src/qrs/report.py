@@ -322,7 +322,7 @@ def _calibration_text(source: dict[str, Any] | None) -> str:
 
 
 def _guidance_text(guidance: dict[str, Any] | None) -> str:
-    """How the model was trained with respect to the defect masks (QRS_SPEC section 2b)."""
+    """How the model was trained with respect to the defect masks (docs/method.md#mask-guided-training)."""
     if not guidance:
         return "Trained without mask guidance (classification loss only)."
     return (f"Mask-guided training: energy loss, weight {guidance['weight']:g}, masks dilated by "

@@ -1,4 +1,4 @@
-"""Quality Risk Score math (QRS_SPEC sections 3 and 4): tensors in, tensors out, no I/O.
+"""Quality Risk Score math (docs/method.md#calibration, #quality-risk-score): tensors in, tensors out, no I/O.
 
 Maps are raw class activation maps C (B x H x W, usually upsampled to the input size); the ROI R is
 a boolean mask of the inspected part. M is the normalised map in [0, 1] and tau the threshold.
@@ -141,7 +141,7 @@ def qrs_details(
     threshold: float = 0.9,
     norm: str = "dataset",
 ) -> dict[str, Tensor]:
-    """The per-image outputs of spec section 4, each a tensor of shape (B,).
+    """The per-image outputs of docs/method.md#quality-risk-score, each a tensor of shape (B,).
 
     qrs (mass aggregation), area (share of R over tau), n_over (int64 count of R pixels over tau),
     mean_over and max_over (of M over tau inside R, 0 when none), peak (max of the raw map).
@@ -162,12 +162,12 @@ def qrs_details(
 
 
 DEFAULT_QUANTILE = {"good": 0.99, "defective": 0.5}
-"""The peak quantile q per calibration anchor (QRS_SPEC section 3)."""
+"""The peak quantile q per calibration anchor (docs/method.md#calibration)."""
 
 
 def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", quantile: float | None = None,
                       threshold: float = 0.9) -> float:
-    """The dataset-norm scale s from the raw-map peaks of the anchor parts (QRS_SPEC section 3).
+    """The dataset-norm scale s from the raw-map peaks of the anchor parts (docs/method.md#calibration).
 
     ``good`` (peaks of good parts): s = P_q / tau, so M reaches tau exactly where the map is stronger
     than a share q of good parts ever show (q defaults to 0.99). ``defective`` (peaks of defective
