@@ -3,8 +3,8 @@ with, which the checkpoints (written by rank 0 only) cannot show.
 
 ``python ddp_worker.py DATA OUT train [ARGS...]``: ``qrs train ARGS`` for 2 epochs into OUT/full, and
 for 1 epoch into OUT/resumed then ``--resume`` to 2 epochs, with TensorBoard into OUT/tb-full and
-OUT/tb-resumed; writes OUT/rank<R>.json with each final model's state digest. ``fail``: rank 1 raises a QrsError at its second training step; ``hang``: rank 1
-sleeps there instead, outside every collective.
+OUT/tb-resumed; writes OUT/rank<R>.json with each final model's state digest. ``fail``: rank 1 raises
+a QrsError at its second training step; ``hang``: rank 1 sleeps there instead, outside every collective.
 """
 
 from __future__ import annotations

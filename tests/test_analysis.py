@@ -310,7 +310,8 @@ def test_report_counts_the_parts_per_risk_level(prepared_64: Path, tmp_path: Pat
     positive = np.sort(rows["qrs"][rows["qrs"] > 0].to_numpy())
     low, high = float(positive[0]), float(positive[len(positive) // 2])
     cal = read_checkpoint(model)["meta"]["calibration"]
-    update_checkpoint_meta(model, calibration={**cal, "risk_cuts": {"low": low, "high": high}, "risk_note": "set by hand"})
+    update_checkpoint_meta(model, calibration={**cal, "risk_cuts": {"low": low, "high": high},
+                                               "risk_note": "set by hand"})
     extract(prepared_64, model, modes=["test"], out_dir=tmp_path / "x", device="cpu", progress=False)
     result = analyze(tmp_path / "x", n_resamples=0, sweep=False)
     q, lab = rows["qrs"].to_numpy(), rows["label"].to_numpy()

@@ -15,7 +15,7 @@ from conftest import read_events
 from qrs.data.dataset import PreparedDataset
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, score_batch
-from qrs.model import base_meta, build_model
+from qrs.model import base_meta, build_model, read_checkpoint
 from qrs.monitor import OVERLAY_OPTIONS, explanation_overlays, overlay_parts
 from qrs.overlay import render_overlay
 from qrs.train import TrainConfig, train
@@ -97,3 +97,12 @@ def test_tensorboard_missing_is_a_clear_error(prepared_small: Path, tmp_path: Pa
     assert str(caught.value) == ("--tensorboard needs the package tensorboard, which is not installed: pip install "
                                  "tensorboard (in a qrs clone: pip install -e '.[tensorboard]')")
     assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
+
+
+def test_tensorboard_leaves_the_trained_weights_unchanged(prepared_small: Path, tmp_path: Path) -> None:
+    plain = train(_config(prepared_small, tmp_path / "plain", num_epochs=1, mask_loss="energy"))
+    logged = train(_config(prepared_small, tmp_path / "logged", num_epochs=1, mask_loss="energy",
+                           tensorboard=tmp_path / "tb"))
+    a, b = read_checkpoint(plain.last_path)["state_dict"], read_checkpoint(logged.last_path)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_events(tmp_path / "tb").Tags()["images"]

@@ -166,7 +166,8 @@ def distribution_plot(qrs: np.ndarray, labels: np.ndarray, arch: str, out_base: 
     ax.set_xlabel(x)
     ax.set_ylabel("Count")
     ax.set_ylim(0, 1.15 * max(bar.get_height() for bar in ax.patches))  # a KDE of a spike at 0 would dwarf the bars
-    shares = "\n".join(f"{name}: {zero / n:.1%} ({zero} of {n})" for name, (zero, n) in zero_shares(qrs, labels).items())
+    shares = "\n".join(f"{name}: {zero / n:.1%} ({zero} of {n})"
+                       for name, (zero, n) in zero_shares(qrs, labels).items())
     ax.text(0.97, 0.55, f"at QRS = 0\n{shares}", transform=ax.transAxes, ha="right", va="top", fontsize=8,
             bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
     positive = frame[frame[x] > 0]
@@ -296,9 +297,10 @@ def training_curves_plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_ba
     panel["loss"].set_title("loss (cross-entropy" + (" + weight x mask term)" if guided else ")"))
     panel["accuracy"].set_title("validation accuracy and F1 (defective = positive)")
     panel["lr"].set_title("learning rate (end of epoch)")
-    lrs = [float(r["lr"]) for rows in runs.values() for r in rows if float(r["lr"]) > 0]
-    if lrs and max(lrs) > 10 * min(lrs):
-        panel["lr"].set_yscale("log")
+    for where, keys, span in (("lr", ("lr",), 10), ("loss", ("train_loss", "val_loss"), 100)):
+        values = [float(r[k]) for rows in runs.values() for r in rows for k in keys if float(r[k]) > 0]
+        if values and max(values) > span * min(values):  # e.g. a first validation loss of 20, later ones of 0.01
+            panel[where].set_yscale("log")
     if guided:
         panel["mask"].set_title("mask term (solid) and its weight (dashed)")
         panel["mask"].set_ylabel("1 - share of the map on the defect")

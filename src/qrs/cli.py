@@ -158,11 +158,10 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
                                                      "(default: runs/ beside the data)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
-    tensorboard: Annotated[Optional[Path], typer.Option(help="Also log to TensorBoard in this directory: the "
-                                                             "curves' values per step and per epoch, and every "
-                                                             "epoch the Grad-CAM++ overlays of 3 defective and 3 "
-                                                             "good validation parts. Needs the tensorboard extra "
-                                                             "(pip install -e '.[tensorboard]'). (default: none)")] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        help="Also log to TensorBoard in this directory: the curves' values per step and per epoch, and every "
+             "epoch the Grad-CAM++ overlays of 3 defective and 3 good validation parts. Needs the tensorboard "
+             "extra (pip install -e '.[tensorboard]'). (default: none)")] = None,
 ) -> None:
     """Train the pass/fail classifier; keep the best-loss and best-accuracy checkpoints.
 

@@ -231,7 +231,8 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
         labels, qrs = mo.rows["label"].to_numpy(), mo.rows["qrs"].to_numpy()
         entry = {"qrs": qrs_statistics(qrs, labels), "qrs_ci": qrs_intervals(labels, qrs, bootstrap),
                  "localisation": localisation_summary(mo.rows), "per_defect_type": per_defect_type(mo.rows),
-                 "n_images": int(len(mo.rows)), "risk_levels": risk_level_counts(qrs, labels, mo.options.get("risk_cuts"))}
+                 "n_images": int(len(mo.rows)),
+                 "risk_levels": risk_level_counts(qrs, labels, mo.options.get("risk_cuts"))}
         plots += distribution_plot(qrs, labels, mo.options["arch"], out / f"qrs_distribution_{mo.mode}",
                                    method_label=METHOD_LABELS.get(mo.options["method"], mo.options["method"]),
                                    subtitle=f"{mo.mode} split, n = {len(mo.rows)}")

@@ -146,7 +146,8 @@ def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator,
 
 @dataclass(frozen=True)
 class MaskGuidance:
-    """The mask term of one run (docs/method.md#mask-guided-training): which training images use their mask, and how."""
+    """The mask term of one run (docs/method.md#mask-guided-training): which training images use their
+    mask, and how."""
 
     split: GapLinear
     use: torch.Tensor
