@@ -1,4 +1,4 @@
-"""Ablation of mask-guided training (QRS_SPEC section 2b): the same data, seeds and budget with and
+"""Ablation of mask-guided training (docs/method.md#mask-guided-training): the same data, seeds and budget with and
 without the energy term, then the share of masks used.
 
 Three tables, each mean +- std over --seeds (test split, best_loss.pt):

@@ -1,6 +1,6 @@
 """Benchmark of a training epoch: the real data loader (memory-mapped uint8 cache, DataLoader,
 augmentation) next to the same epoch on tensors already in memory, and the same real epoch with the
-mask term (QRS_SPEC 2b: defect masks loaded and flipped with the images, closed-form map, energy
+mask term (docs/method.md#mask-guided-training: defect masks loaded and flipped with the images, closed-form map, energy
 loss), in one run, epochs taking turns.
 
 Usage: python benchmarks/bench_train.py [--n 256] [--img-size 96] [--arch resnet18] [--batch-size 32]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,3 +69,13 @@ def straight_and_resumed(make: Callable[..., TrainConfig], tmp_path: Path, crash
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     return a, b
+
+
+def read_events(directory: Path) -> Any:
+    """Every scalar and image event of the TensorBoard event files under ``directory`` (no sampling), read
+    with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events

@@ -2,9 +2,9 @@
 with, which the checkpoints (written by rank 0 only) cannot show.
 
 ``python ddp_worker.py DATA OUT train [ARGS...]``: ``qrs train ARGS`` for 2 epochs into OUT/full, and
-for 1 epoch into OUT/resumed then ``--resume`` to 2 epochs; writes OUT/rank<R>.json with each final
-model's state digest. ``fail``: rank 1 raises a QrsError at its second training step; ``hang``: rank 1
-sleeps there instead, outside every collective.
+for 1 epoch into OUT/resumed then ``--resume`` to 2 epochs, with TensorBoard into OUT/tb-full and
+OUT/tb-resumed; writes OUT/rank<R>.json with each final model's state digest. ``fail``: rank 1 raises
+a QrsError at its second training step; ``hang``: rank 1 sleeps there instead, outside every collective.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def train_and_resume(data: Path, out: Path, rank: int, extra_args: list[str]) ->
     built = _capture_models()
     common = ["train", "--data_root", str(data), "--arch", "resnet18", "--batch_size", "8", "--lr", "1e-3",
               "--device", "cpu", *extra_args]
-    for extra in (["--out", out / "full", "--num_epochs", "2"], ["--out", out / "resumed", "--num_epochs", "1"],
-                  ["--out", out / "resumed", "--num_epochs", "2", "--resume"]):
+    for extra in (["--out", out / "full", "--num_epochs", "2", "--tensorboard", out / "tb-full"],
+                  ["--out", out / "resumed", "--num_epochs", "1", "--tensorboard", out / "tb-resumed"],
+                  ["--out", out / "resumed", "--num_epochs", "2", "--resume", "--tensorboard", out / "tb-resumed"]):
         app(args=common + [str(a) for a in extra], standalone_mode=False)
     digests = {"full": state_digest(built[0].state_dict()), "resumed": state_digest(built[2].state_dict())}
     (out / f"rank{rank}.json").write_text(json.dumps(digests))

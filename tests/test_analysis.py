@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import pickle
 import re
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,13 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from qrs.analysis import agreement, localisation, qrs_statistics, threshold_sweep
+from qrs.analysis import (agreement, best_epochs, distribution_plot, localisation, qrs_statistics, threshold_sweep,
+                          training_curves_plot, zero_shares)
 from qrs.data.preparation import prepare
 from qrs.bootstrap import BootstrapOptions, qrs_intervals, with_interval
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions, calibrate, extract
-from qrs.model import base_meta, build_model, read_checkpoint, save_checkpoint
+from qrs.model import base_meta, build_model, read_checkpoint, save_checkpoint, update_checkpoint_meta
 from qrs.report import analyze, load_mode, per_defect_type, sweep_qrs
 
 
@@ -229,6 +232,103 @@ def test_without_resamples_sweep_or_stored_roi(prepared_64: Path, tmp_path: Path
                                          "stored them): re-run `qrs extract` for the threshold sweep"}
     with pytest.raises(QrsError, match="--n-resamples must be >= 0, got -5"):
         analyze(tmp_path / "x", n_resamples=-5)
+
+
+def test_distribution_plot_states_the_zero_shares_and_shows_the_parts_above_0_alone(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    qrs = np.concatenate([np.zeros(115), rng.uniform(1e-4, 3e-3, 5), rng.lognormal(np.log(0.01), 1.0, 30)])
+    labels = np.array([0] * 120 + [1] * 30)
+    assert zero_shares(qrs, labels) == {"non-defective": (115, 120), "defective": (0, 30)}
+    paths = distribution_plot(qrs, labels, "resnet18", tmp_path / "d", subtitle="test split, n = 150")
+    assert [p.name for p in paths] == ["d.png", "d.svg"]
+    svg = paths[1].read_text()
+    for text in ("resnet18 &amp; Grad-CAM++", "test split, n = 150", "QRS (Quality Risk Score)", "Count",
+                 "at QRS = 0", "non-defective: 95.8% (115 of 120)", "defective: 0.0% (0 of 30)",
+                 "parts with QRS &gt; 0 only (n = 35)", "QRS (Quality Risk Score), log scale"):
+        assert f"<!-- {text} -->" in svg, text
+    flat = distribution_plot(np.zeros(4), np.array([0, 0, 1, 1]), "resnet18", tmp_path / "z")[1].read_text()
+    assert "<!-- parts with QRS &gt; 0 only (n = 0) -->" in flat and "<!-- no part has QRS &gt; 0 -->" in flat
+
+
+def _log_rows(val_losses: list[float], val_accs: list[float], guided: bool) -> list[dict]:
+    rows = []
+    for epoch, (loss, acc) in enumerate(zip(val_losses, val_accs), 1):
+        row = {"epoch": epoch, "mask_loss": "energy" if guided else "none", "train_loss": 1 / epoch}
+        if guided:
+            row.update(train_mask_loss=0.9 / epoch, mask_weight=min(1.0, epoch / 2))
+        rows.append({**row, "val_loss": loss, "val_acc": acc, "val_f1": acc / 2, "time_s": 1.0, "lr": 1e-3})
+    return rows
+
+
+def test_training_curves_mark_the_epochs_of_both_checkpoints(tmp_path: Path) -> None:
+    rows = _log_rows([0.9, 0.4, 0.5, 0.4], [0.6, 0.8, 0.9, 0.9], guided=True)
+    assert best_epochs(rows) == (2, 3)  # the first lowest loss and the first highest accuracy, as train keeps them
+    svg = training_curves_plot({"": rows}, tmp_path / "one", title="run: resnet18")[1].read_text()
+    for text in ("run: resnet18", "training loss", "validation loss", "accuracy", "F1", "mask term", "weight lambda",
+                 "learning rate", "best loss (epoch 2)", "best accuracy (epoch 3)", "epoch"):
+        assert f"<!-- {text} -->" in svg, text
+    plain = _log_rows([0.7, 0.6], [0.5, 0.5], guided=False)
+    svg = training_curves_plot({"seed 0": rows, "seed 1": plain}, tmp_path / "seeds")[1].read_text()
+    for text in ("seed 0: best loss (epoch 2)", "seed 1: best loss (epoch 2)", "seed 1: best accuracy (epoch 1)",
+                 "seed 0: mask term", "seed 1: validation loss"):
+        assert f"<!-- {text} -->" in svg, text
+    assert "<!-- seed 1: mask term -->" not in svg
+    unguided = training_curves_plot({"": plain}, tmp_path / "plain")[1].read_text()
+    assert "mask term" not in unguided and "<!-- loss (cross-entropy) -->" in unguided
+
+
+def test_report_shows_the_training_curves_of_the_checkpoints_run_or_says_why_not(prepared_small: Path,
+                                                                               tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    curves = training_curves_plot({"": _log_rows([0.9, 0.4], [0.6, 0.8], guided=False)}, run / "curves")[0]
+    torch.manual_seed(0)
+    model = tmp_path / "m.pt"
+    save_checkpoint(model, build_model("resnet18"), {**base_meta("resnet18", 32), "run_dir": str(run)})
+    extract(prepared_small, model, modes=["test"], out_dir=tmp_path / "x", device="cpu", progress=False)
+    result = analyze(tmp_path / "x", n_resamples=0, sweep=False)
+    assert result.stats["training_curves"] == {"run_dir": str(run), "png": str(curves), "note": ""}
+    html = result.report.read_text()
+    assert "<h2>Training curves</h2>" in html
+    assert f"src='data:image/png;base64,{base64.b64encode(curves.read_bytes()).decode()}'" in html
+    curves.unlink()
+    gone = analyze(tmp_path / "x", n_resamples=0, sweep=False)
+    note = (f"{curves} does not exist (the run directory was moved or removed, or the run was trained before qrs "
+            "drew its curves): no training curves")
+    assert gone.stats["training_curves"]["note"] == note and note in gone.report.read_text()
+    save_checkpoint(model, build_model("resnet18"), base_meta("resnet18", 32))
+    extract(prepared_small, model, modes=["test"], out_dir=tmp_path / "x", device="cpu", progress=False)
+    older = analyze(tmp_path / "x", n_resamples=0, sweep=False)
+    note = (f"the checkpoint {model} records no run directory (it was trained before qrs recorded one, or extracted "
+            "before the extract kept it): no training curves")
+    assert older.stats["training_curves"] == {"run_dir": None, "png": None, "note": note}
+    assert "<h2>Training curves</h2>" in older.report.read_text() and note in older.report.read_text()
+
+
+def test_report_counts_the_parts_per_risk_level(prepared_64: Path, tmp_path: Path, left_half: Path) -> None:
+    model = left_half
+    extract(prepared_64, model, modes=["test"], out_dir=tmp_path / "x", device="cpu", progress=False)
+    none = analyze(tmp_path / "x", n_resamples=0, sweep=False)
+    assert none.stats["modes"]["test"]["risk_levels"] is None
+    note = read_checkpoint(model)["meta"]["calibration"]["risk_note"]
+    assert note.startswith("too few defective validation parts")
+    assert f"No risk levels: {html_escape(note)}." in none.report.read_text()
+    rows = pd.read_csv(tmp_path / "x" / "gradcam_weights_test.csv", dtype={"id": str})
+    positive = np.sort(rows["qrs"][rows["qrs"] > 0].to_numpy())
+    low, high = float(positive[0]), float(positive[len(positive) // 2])
+    cal = read_checkpoint(model)["meta"]["calibration"]
+    update_checkpoint_meta(model, calibration={**cal, "risk_cuts": {"low": low, "high": high},
+                                               "risk_note": "set by hand"})
+    extract(prepared_64, model, modes=["test"], out_dir=tmp_path / "x", device="cpu", progress=False)
+    result = analyze(tmp_path / "x", n_resamples=0, sweep=False)
+    q, lab = rows["qrs"].to_numpy(), rows["label"].to_numpy()
+    bands = {"low": q < low, "medium": (q >= low) & (q < high), "high": q >= high}
+    expected = {k: {"good": int((b & (lab == 0)).sum()), "defective": int((b & (lab == 1)).sum())}
+                for k, b in bands.items()}
+    assert result.stats["modes"]["test"]["risk_levels"] == expected
+    page = result.report.read_text()
+    assert "<h2>Risk levels</h2>" in page and "set by hand" in page
+    cells = "".join(f"<td>{e['good']} / {e['defective']}</td>" for e in expected.values())
+    assert f"<tr><td>test</td>{cells}</tr>" in page
 
 
 def test_agreement_counts_each_verdict_by_qrs_and_compares_aurocs() -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import read_events
 from ddp_worker import state_digest
 from qrs.distributed import DistContext, collective_timeout_s, init_distributed, shard_indices
 from qrs.errors import QrsError
@@ -130,8 +131,8 @@ def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared
     assert ranks[0]["resumed"] == ranks[0]["full"]
     for run_dir in ("full", "resumed"):
         out = tmp_path / run_dir
-        assert sorted(p.name for p in out.iterdir()) == ["best_acc.pt", "best_loss.pt", "last.pt", "log.csv",
-                                                        "log.jsonl"]
+        assert sorted(p.name for p in out.iterdir()) == ["best_acc.pt", "best_loss.pt", "curves.png", "curves.svg",
+                                                        "last.pt", "log.csv", "log.jsonl"]
         for name in ("best_acc.pt", "best_loss.pt", "last.pt"):
             meta = load_checkpoint(out / name).qrs_meta
             assert meta["arch"] == ("efficientnet_lite0" if "energy" in extra else "resnet18")
@@ -139,6 +140,13 @@ def test_two_process_training_keeps_ranks_identical_and_resumes_exactly(prepared
         assert state_digest(read_checkpoint(out / "last.pt")["state_dict"]) == ranks[0][run_dir]
         assert list(pd.read_csv(out / "log.csv")["epoch"]) == [1, 2]
         assert len((out / "log.jsonl").read_text().splitlines()) == 2
+        # TensorBoard: one event file per launch, from rank 0 alone; every epoch and step logged once.
+        board = tmp_path / f"tb-{run_dir}"
+        assert len(list(board.glob("events.out.tfevents.*"))) == (1 if run_dir == "full" else 2)
+        events = read_events(board)
+        assert [e.step for e in events.Scalars("epoch/val_loss")] == [2, 4]  # 2 steps per epoch (batch 8 x 2)
+        assert [e.step for e in events.Scalars("step/train_loss")] == [1, 2, 3, 4]
+        assert all(len(events.Images(tag)) == 2 for tag in events.Tags()["images"]) and events.Tags()["images"]
 
 
 def test_a_corrupt_image_stops_the_job_with_its_message(prepared_small: Path, tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from qrs.errors import QrsError
 from qrs.export import export_onnx, parse_batch
 from qrs.extract import ScoreOptions, calibrate, extract, score_batch
 from qrs.model import IMAGENET_MEAN, IMAGENET_STD, base_meta, build_model, load_checkpoint, read_checkpoint, save_checkpoint
-from qrs.predict import UNCALIBRATED_NOTE, score_files
+from qrs.predict import score_files
+from qrs.scoring import UNCALIBRATED_NOTE
 from qrs.runtime import OUTPUTS, OnnxBackend
 from scoring_setup import EXPORT_SIDE, RISK_CUTS, Exported, part_image, png
 

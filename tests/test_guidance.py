@@ -1,4 +1,4 @@
-"""Mask-guided training (QRS_SPEC section 2b): the energy loss by hand, the grid mask, the ramp, the
+"""Mask-guided training (docs/method.md#mask-guided-training): the energy loss by hand, the grid mask, the ramp, the
 closed-form map against the CAM module, masks moved with the augmentation, and guidance that
 measurably moves the map onto the defect."""
 

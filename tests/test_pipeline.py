@@ -58,6 +58,12 @@ def test_repeat_runs_every_seed_tabulates_them_and_skips_finished_seeds(prepared
     assert saved["seeds"] == [3, 5] and saved["mean"]["f1_best_loss"] == pytest.approx(values[:, 0].mean())
     assert "=== seed 3 (1/2) ->" in result.output and "=== seed 5 (2/2) ->" in result.output
     assert "F1 (best_loss.pt)" in result.output and "std: sample standard deviation over 2 seeds (ddof 1)" in result.output
+    svg = (out / "curves.svg").read_text()  # every seed's training curves in one figure
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+    for seed in (3, 5):
+        assert (out / f"seed-{seed}" / "run" / "curves.png").is_file()
+        for text in (f"seed {seed}: validation loss", f"seed {seed}: best loss (epoch 1)", f"seed {seed}: mask term"):
+            assert f"<!-- {text} -->" in svg, text
 
     def no_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished seed was run again")

@@ -210,35 +210,69 @@ def test_calibration_scale_errors() -> None:
 def test_risk_cuts_small_example() -> None:
     defective = [0.10, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90, 0.95]
     good = [0.0, 0.0, 0.05, 0.05, 0.10, 0.15, 0.20, 0.35, 0.45, 0.02]
-    # low: 10 defective, 99% of 10 = 9.9 -> all must be kept -> the lowest defective QRS, 0.10.
-    # high: at 0.45, 7 defective + 1 good (7/8 = .875); at 0.40, 8/9; at 0.50, 7/7 = 1 -> 0.50.
-    cuts = risk_cuts(defective + good, [1] * 10 + [0] * 10)
+    # recall cut: 10 defective, 99% of 10 = 9.9 -> all must be kept -> the lowest defective QRS, 0.10.
+    # precision cut: at 0.45, 7 defective + 1 good (7/8 = .875); at 0.40, 8/9; at 0.50, 7/7 = 1 -> 0.50.
+    # The classes overlap: low 0.10, high 0.50; between: defective 0.10, 0.30, 0.40, good 0.10 ... 0.45.
+    cuts, note = risk_cuts(defective + good, [1] * 10 + [0] * 10)
     assert cuts == pytest.approx((0.10, 0.50))
+    assert note == ("low 0.1: below it 0 of the 10 defective validation parts (at most 1%) and 5 good ones; high "
+                    "0.5: at or above it 7 of the 7 validation parts are defective (100%); medium between: 5 good "
+                    "and 3 defective validation parts")
     assert risk_level([0.05, 0.10, 0.45, 0.50, 0.99], cuts) == ["low", "medium", "medium", "high", "high"]
 
 
 def test_risk_cuts_drops_one_percent() -> None:
     defective = [i / 100 for i in range(1, 101)]  # 0.01 .. 1.00
     good = [0.0] * 20 + [0.5] * 10
-    # low: 99 of 100 may be kept -> drop 0.01 -> 0.02.
-    # high: at 0.50, 51 defective + 10 good (51/61 = .84); at 0.51, 50/50 -> 0.51 (below 0.50 it is lower).
-    cuts = risk_cuts(torch.tensor(defective + good), torch.tensor([1] * 100 + [0] * 30))
+    # recall cut: 99 of 100 may be kept -> drop 0.01 -> 0.02.
+    # precision cut: at 0.50, 51 defective + 10 good (51/61 = .84); at 0.51, 50/50 -> 0.51 (below 0.50 it is lower).
+    cuts, _ = risk_cuts(torch.tensor(defective + good), torch.tensor([1] * 100 + [0] * 30))
     assert cuts == pytest.approx((0.02, 0.51))
 
 
-def test_risk_cuts_low_capped_at_high() -> None:
-    defective = [i / 100 for i in range(1, 101)]
-    # No good part above 0: at 0.01 all 100 kept parts are defective -> high = 0.01; low would be 0.02.
-    cuts = risk_cuts(defective + [0.0] * 50, [1] * 100 + [0] * 50)
-    assert cuts == pytest.approx((0.01, 0.01))
-    assert risk_level([0.0, 0.01, 0.5], cuts) == ["low", "high", "high"]
+def test_separating_parts_put_the_band_between_the_precision_and_the_recall_cut() -> None:
+    defective = [i / 100 for i in range(3, 103)]  # 0.03 .. 1.02
+    good = [0.0] * 48 + [0.01, 0.6]
+    # precision cut: at 0.01, 100 defective + 2 good (98%); at 0: 100/150 -> 0.01 (a good part's QRS).
+    # recall cut: 99 of 100 defective may be kept -> 0.04, where 99 of 100 parts are defective.
+    # low 0.01, high 0.04: the good part at 0.01 and the weakest defective part (0.03) are medium.
+    cuts, note = risk_cuts(defective + good, [1] * 100 + [0] * 50)
+    assert cuts == pytest.approx((0.01, 0.04))
+    assert note.endswith("medium between: 1 good and 1 defective validation parts")
+    assert risk_level([0.0, 0.005, 0.01, 0.03, 0.04, 0.6], cuts) == ["low", "low", "medium", "medium", "high", "high"]
+
+
+def test_high_is_never_below_the_recall_cut() -> None:
+    # precision 95% already at 0.05 (a good part, 20 of 21), but only from 0.2 on are >= 99% of the
+    # defective parts at or above the cut: the good part is medium, not high.
+    cuts, _ = risk_cuts([0.2] * 20 + [0.0] * 30 + [0.05], [1] * 20 + [0] * 31)
+    assert cuts == pytest.approx((0.05, 0.2))
+
+
+def test_exact_separation_splits_the_empty_gap_below_the_cut_halfway() -> None:
+    # All 20 defective at >= 0.1, every good part at 0: recall and precision cut are both 0.1, and no
+    # validation part lies between 0 and 0.1.
+    cuts, note = risk_cuts([0.1] * 5 + [0.2] * 15 + [0.0] * 30, [1] * 20 + [0] * 30)
+    assert cuts == pytest.approx((0.05, 0.1))
+    assert note.startswith("the validation parts separate at 0.1 with none between 0 and it, so low is halfway across "
+                           "that gap and a new part nearer the high cut is medium; low 0.05: below it 0 of the 20 "
+                           "defective validation parts (at most 1%) and 30 good ones")
+    assert risk_level([0.0, 0.04, 0.06, 0.1], cuts) == ["low", "low", "medium", "high"]
+
+
+def test_two_levels_only_when_no_validation_part_scores_below_the_high_cut() -> None:
+    cuts, note = risk_cuts([0.1] * 5 + [0.2] * 15 + [0.5], [1] * 20 + [0])  # 20 / 21 = 95.2% at the lowest QRS
+    assert cuts == (0.1, 0.1)
+    assert note == ("low = high = 0.1: no validation part scores below it, so there are two levels only; at or above "
+                    "it 20 of the 21 validation parts are defective (95%)")
 
 
 def test_risk_cuts_none() -> None:
-    # Four defective parts are too few.
-    assert risk_cuts([0.9, 0.8, 0.7, 0.6, 0.1], [1, 1, 1, 1, 0]) is None
+    assert risk_cuts([0.9, 0.8, 0.7, 0.6, 0.1], [1, 1, 1, 1, 0]) == (
+        None, "too few defective validation parts (4, fewer than 5): no risk levels")
     # Good parts above every defective one: precision never reaches 95%.
-    assert risk_cuts([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6], [1, 1, 1, 1, 1, 0, 0]) is None
+    assert risk_cuts([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6], [1, 1, 1, 1, 1, 0, 0]) == (
+        None, "no QRS cut at or above which >= 95% of the validation parts are defective: no risk levels")
     with pytest.raises(ValueError, match="no risk cuts"):
         risk_level([0.5], None)
     with pytest.raises(ValueError, match="differ in length"):

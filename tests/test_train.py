@@ -165,3 +165,34 @@ def test_resume_is_exact_with_a_schedule(prepared_small: Path, tmp_path: Path, a
                                 schedule=schedule, optimizer=optimizer, warmup_epochs=0.5, weight_decay=0.01)
     assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
     assert a["meta"]["arch"] == arch and a["meta"]["train_config"]["schedule"] == schedule
+
+
+def test_curves_are_rewritten_after_every_epoch_also_on_resume(prepared_small: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import qrs.monitor
+
+    drawn: list[list[int]] = []
+    draw = qrs.monitor.training_curves_plot
+
+    def spy(runs: dict, out_base: Path, **kw: object) -> list[Path]:
+        drawn.append([int(r["epoch"]) for r in runs[""]])
+        paths = draw(runs, out_base, **kw)
+        assert [p.name for p in paths] == ["curves.png", "curves.svg"] and Path(out_base).parent == run
+        return paths
+
+    seen: dict[int, bytes] = {}
+
+    def before_step(epoch: int, batch: int) -> None:
+        if batch == 0 and epoch > 1:
+            seen[epoch] = (run / "curves.png").read_bytes()
+
+    monkeypatch.setattr(qrs.monitor, "training_curves_plot", spy)
+    run = tmp_path / "run"
+    train(_config(prepared_small, run, num_epochs=2, mask_loss="energy"), on_batch=before_step)
+    assert drawn == [[1], [1, 2]] and seen[2].startswith(b"\x89PNG")
+    assert (run / "curves.png").read_bytes() != seen[2] and (run / "curves.svg").read_text().startswith("<?xml")
+    train(_config(prepared_small, run, num_epochs=3, mask_loss="energy", resume=True), on_batch=before_step)
+    assert drawn == [[1], [1, 2], [1, 2, 3]]  # the resumed run draws its whole history
+    assert seen[3] != (run / "curves.png").read_bytes()
+    assert read_checkpoint(run / "best_loss.pt")["meta"]["run_dir"] == str(run.resolve())
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # atomic writes leave no temporary file

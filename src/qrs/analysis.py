@@ -1,10 +1,11 @@
-"""Statistics of QRS (QRS_SPEC section 5): defective vs non-defective tests, localisation metrics,
+"""Statistics of QRS (docs/method.md#statistics): defective vs non-defective tests, localisation metrics,
 and the distribution plot. Pure functions over arrays/tensors, plus the plot writer."""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,25 +172,55 @@ def _pyplot() -> Any:
     return plt
 
 
+CLASS_NAMES = {0: "non-defective", 1: "defective"}
+CLASS_COLOURS = {"non-defective": "tab:blue", "defective": "tab:red"}
+
+
+def zero_shares(qrs: np.ndarray, labels: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Per class name: (parts at exactly QRS 0, parts), for the classes present."""
+    qrs, labels = np.asarray(qrs, dtype=np.float64), np.asarray(labels).astype(int)
+    return {name: (int((qrs[labels == c] == 0).sum()), int((labels == c).sum()))
+            for c, name in CLASS_NAMES.items() if (labels == c).any()}
+
+
 def distribution_plot(qrs: np.ndarray, labels: np.ndarray, arch: str, out_base: str | os.PathLike[str],
                       *, method_label: str = "Grad-CAM++", subtitle: str = "") -> list[Path]:
-    """The paper's figure: a histogram with KDE of QRS per class; writes ``out_base``.png and .svg."""
+    """The paper's figure, a histogram with KDE of QRS per class, with the share of each class at exactly
+    QRS 0 written on it; beside it the parts with QRS > 0 alone (on a log QRS axis when their values span
+    more than a factor 10), which the spike at 0 would otherwise hide. Writes ``out_base``.png and .svg."""
     plt = _pyplot()
     import pandas as pd
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
-    frame = pd.DataFrame({
-        "QRS (Quality Risk Score)": np.asarray(qrs, dtype=np.float64),
-        "class": np.where(np.asarray(labels).astype(int) == 1, "defective", "non-defective"),
-    })
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    use_kde = all(frame[frame["class"] == c]["QRS (Quality Risk Score)"].nunique() > 1 for c in frame["class"].unique())
-    sns.histplot(frame, x="QRS (Quality Risk Score)", hue="class", hue_order=["non-defective", "defective"],
-                 kde=use_kde, bins=30, ax=ax, palette={"non-defective": "tab:blue", "defective": "tab:red"},
+    x = "QRS (Quality Risk Score)"
+    frame = pd.DataFrame({x: np.asarray(qrs, dtype=np.float64),
+                          "class": [CLASS_NAMES[int(v)] for v in np.asarray(labels).astype(int)]})
+    order = [n for n in CLASS_NAMES.values() if (frame["class"] == n).any()]
+    fig, (ax, pos_ax) = plt.subplots(1, 2, figsize=(11.5, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 1]})
+    use_kde = all(frame[frame["class"] == c][x].nunique() > 1 for c in order)
+    sns.histplot(frame, x=x, hue="class", hue_order=order, kde=use_kde, bins=30, ax=ax, palette=CLASS_COLOURS,
                  element="bars", stat="count")
     ax.set_title(f"{arch} & {method_label}" + (f"\n{subtitle}" if subtitle else ""))
-    ax.set_xlabel("QRS (Quality Risk Score)")
+    ax.set_xlabel(x)
     ax.set_ylabel("Count")
+    ax.set_ylim(0, 1.15 * max(bar.get_height() for bar in ax.patches))  # a KDE of a spike at 0 would dwarf the bars
+    shares = "\n".join(f"{name}: {zero / n:.1%} ({zero} of {n})"
+                       for name, (zero, n) in zero_shares(qrs, labels).items())
+    ax.text(0.97, 0.55, f"at QRS = 0\n{shares}", transform=ax.transAxes, ha="right", va="top", fontsize=8,
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
+    positive = frame[frame[x] > 0]
+    pos_ax.set_title(f"parts with QRS > 0 only (n = {len(positive)})")
+    pos_ax.set_ylabel("Count")
+    pos_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if positive.empty:
+        pos_ax.text(0.5, 0.5, "no part has QRS > 0", transform=pos_ax.transAxes, ha="center", va="center")
+        pos_ax.set_xlabel(x)
+    else:
+        log = bool(positive[x].max() > 10 * positive[x].min())
+        sns.histplot(positive, x=x, hue="class", hue_order=[n for n in order if (positive["class"] == n).any()],
+                     bins=30, ax=pos_ax, palette=CLASS_COLOURS, element="bars", stat="count", log_scale=log)
+        pos_ax.set_xlabel(f"{x}{', log scale' if log else ''}")
     fig.tight_layout()
     return _save_figure(fig, out_base)
 
@@ -258,5 +289,94 @@ def deletion_plot(summary: dict[str, Any], out_base: str | os.PathLike[str], *, 
     ax.set_ylabel("mean drop of p_defective")
     ax.legend()
     ax.set_title(title)
+    fig.tight_layout()
+    return _save_figure(fig, out_base)
+
+
+
+CURVE_STYLES = {
+    "train_loss": ("loss", "--", "tab:blue", "training loss"),
+    "val_loss": ("loss", "-", "tab:orange", "validation loss"),
+    "val_acc": ("accuracy", "-", "tab:green", "accuracy"),
+    "val_f1": ("accuracy", ":", "tab:purple", "F1"),
+    "train_mask_loss": ("mask", "-", "tab:red", "mask term"),
+    "mask_weight": ("weight", "--", "tab:brown", "weight lambda"),
+    "lr": ("lr", "-", "tab:gray", "learning rate"),
+}
+"""The per-epoch values of ``log.csv`` that the training curves show: panel, line style, colour, label."""
+CURVE_SERIES = tuple(CURVE_STYLES)
+
+
+def best_epochs(history: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+    """(best-loss epoch, best-accuracy epoch) of a run's log rows: the first epoch of lowest validation
+    loss and the first of highest validation accuracy, as training keeps ``best_loss.pt`` and ``best_acc.pt``."""
+    loss = min(history, key=lambda r: (r["val_loss"], r["epoch"]))
+    acc = max(history, key=lambda r: (r["val_acc"], -r["epoch"]))
+    return int(loss["epoch"]), int(acc["epoch"])
+
+
+def training_curves_plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_base: str | os.PathLike[str], *,
+                         title: str = "") -> list[Path]:
+    """The training curves of one run or of several (label -> the run's log rows, one per epoch): training
+    and validation loss, validation accuracy and F1, the learning rate and, when a run was mask-guided, the
+    mask term and its weight; each run's best-loss (star) and best-accuracy (diamond) epochs marked, with
+    dotted lines across the panels for a single run. One colour per series, or per run for several. PNG
+    and SVG."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    runs = {label: list(rows) for label, rows in runs.items() if rows}
+    guided = any("train_mask_loss" in rows[0] for rows in runs.values())
+    if guided:
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
+        panel = dict(zip(("loss", "accuracy", "mask", "lr"), axes.flat))
+        panel["weight"] = panel["mask"].twinx()
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), dpi=110)
+        panel = dict(zip(("loss", "accuracy", "lr"), axes.flat))
+    single = len(runs) == 1
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (label, rows) in enumerate(runs.items()):
+        epochs = [int(r["epoch"]) for r in rows]
+        prefix = "" if single else f"{label}: "
+        for key, (where, style, colour, name) in CURVE_STYLES.items():
+            if key in rows[0]:
+                values = [np.nan if r.get(key) is None else float(r[key]) for r in rows]
+                panel[where].plot(epochs, values, style, color=colour if single else cycle[k % len(cycle)],
+                                  label=f"{prefix}{name}")
+        best_loss, best_acc = best_epochs(rows)
+        at = {int(r["epoch"]): r for r in rows}
+        for where, epoch, key, marker, colour, name in (
+                ("loss", best_loss, "val_loss", "*", "tab:orange", "best loss"),
+                ("accuracy", best_acc, "val_acc", "D", "tab:green", "best accuracy")):
+            panel[where].plot([epoch], [at[epoch][key]], marker, markersize=11, markeredgecolor="black",
+                              color=colour if single else cycle[k % len(cycle)],
+                              label=f"{prefix}{name} (epoch {epoch})")
+            if single:
+                for ax in panel.values():
+                    ax.axvline(epoch, color=colour, linestyle=":", linewidth=1)
+    panel["loss"].set_title("loss (cross-entropy" + (" + weight x mask term)" if guided else ")"))
+    panel["accuracy"].set_title("validation accuracy and F1 (defective = positive)")
+    panel["lr"].set_title("learning rate (end of epoch)")
+    for where, keys, span in (("lr", ("lr",), 10), ("loss", ("train_loss", "val_loss"), 100)):
+        values = [float(r[k]) for rows in runs.values() for r in rows for k in keys if float(r[k]) > 0]
+        if values and max(values) > span * min(values):  # e.g. a first validation loss of 20, later ones of 0.01
+            panel[where].set_yscale("log")
+    if guided:
+        panel["mask"].set_title("mask term (solid) and its weight (dashed)")
+        panel["mask"].set_ylabel("1 - share of the map on the defect")
+        panel["weight"].set_ylabel("weight lambda")
+        panel["weight"].set_ylim(bottom=0)
+    for where, ax in panel.items():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if where == "weight":
+            continue
+        ax.set_xlabel("epoch")
+        handles, labels = ax.get_legend_handles_labels()
+        if where == "mask":
+            more = panel["weight"].get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     return _save_figure(fig, out_base)

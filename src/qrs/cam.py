@@ -6,7 +6,7 @@ is the target class's logit, or for ``evidence`` its log-odds (z_c - z_other for
 of the log-odds, whose map for a GAP + linear head is the class-evidence map sum_k (W[c,k] - W[o,k]) A_k
 / (h w), the share of each cell in the decision (its mean over the cells is the log-odds minus the
 difference of the biases).
-Two ways to get (A, g), chosen automatically (QRS_SPEC section 2):
+Two ways to get (A, g), chosen automatically (docs/method.md#without-a-backward-pass):
 
 - fast path: a model qrs can explain in closed form (:class:`GapLinear`: its target feature map is
   followed by global average pooling, optional dropout and one Linear layer; torchvision ResNets at
@@ -70,7 +70,7 @@ def _gradcam(a: Tensor, g: Tensor) -> Tensor:
 
 
 def _gradcam_pp(a: Tensor, g: Tensor) -> Tensor:
-    """Grad-CAM++ in the stable form of the spec: w_k = sum_ij relu(g) / (2 + S_k g).
+    """Grad-CAM++ in the stable form of docs/method.md#explanation-map: w_k = sum_ij relu(g) / (2 + S_k g).
 
     Only g > 0 contributes (relu), which also keeps a zero denominator at g < 0 out of the sum.
     """
@@ -120,7 +120,7 @@ class GapLinear:
     feature map A (B x K x h x w), and ``head(A) = linear(dropout(mean_ij A))``.
 
     The gradient of a logit with respect to A is then the linear layer's weight row over h w, the
-    same at every position (QRS_SPEC section 2), so no backward pass is needed.
+    same at every position (docs/method.md#without-a-backward-pass), so no backward pass is needed.
     """
 
     features: Callable[[Tensor], Tensor]
@@ -218,7 +218,7 @@ def target_layer(model: nn.Module, layer: nn.Module | str | None = None) -> nn.M
 def closed_form_cam(split: GapLinear, a: Tensor, target_class: int = 1, method: str = "gradcam++") -> Tensor:
     """The raw map C (B x h x w) of ``method`` (Grad-CAM++ by default) of a closed-form model from its
     activations A, with autograd left on: differentiable in A and in the linear layer's weights
-    (mask-guided training, QRS_SPEC 2b)."""
+    (docs/method.md#mask-guided-training)."""
     if method not in _CAMS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     g = split.gradient(a.float(), target_class, log_odds=method in LOG_ODDS_METHODS)
@@ -324,7 +324,7 @@ def compute_cams(
     layer: None for the model's usual target layer (``layer4`` of a ResNet, ``bn2`` of EfficientNet-Lite0),
     a submodule, or a dotted submodule name.
     compat: reproduce the grad-cam package (its Grad-CAM++ alpha, and its per-image min-max scaling
-    applied before and after the upsampling, in its order) instead of the spec's raw maps.
+    applied before and after the upsampling, in its order) instead of the raw maps of docs/method.md#explanation-map.
     method ``evidence`` explains the log-odds of ``target_class`` rather than its logit.
     """
     if method not in _CAMS:

@@ -148,11 +148,12 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (bounds the "
                                                         "logits, so defect evidence is on a similar scale across "
                                                         "parts).")] = 0.0,
-    mask_loss: Annotated[MaskLoss, typer.Option(help="Mask guidance (QRS_SPEC 2b): energy adds, for defective training "
-                                                     "images with a mask or boxes, 1 - (share of the Grad-CAM++ map "
-                                                     "inside the dilated defect) to the loss; none: classification "
-                                                     "loss only (the paper's); auto: energy when the training split "
-                                                     "has masks or boxes, else none.")] = "auto",
+    mask_loss: Annotated[MaskLoss, typer.Option(help="Mask guidance (docs/method.md#mask-guided-training): energy "
+                                                     "adds, for defective training images with a mask or boxes, "
+                                                     "1 - (share of the Grad-CAM++ map inside the dilated defect) "
+                                                     "to the loss; none: classification loss only (the paper's); "
+                                                     "auto: energy when the training split has masks or boxes, "
+                                                     "else none.")] = "auto",
     mask_weight: Annotated[float, typer.Option(help="Weight lambda of the mask term.")] = 1.0,
     mask_warmup: Annotated[float, typer.Option(help="Share of the training steps over which lambda ramps up "
                                                     "linearly from 0.")] = 0.2,
@@ -166,8 +167,15 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory for last.pt and the epoch log. "
                                                      "(default: runs/ beside the data)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt (model, optimiser, epoch, RNG).")] = False,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        help="Also log to TensorBoard in this directory: the curves' values per step and per epoch, and every "
+             "epoch the Grad-CAM++ overlays of 3 defective and 3 good validation parts. Needs the tensorboard "
+             "extra (pip install -e '.[tensorboard]'). (default: none)")] = None,
 ) -> None:
-    """Train the pass/fail classifier; keep the best-loss and best-accuracy checkpoints."""
+    """Train the pass/fail classifier; keep the best-loss and best-accuracy checkpoints.
+
+    Every epoch OUT/log.csv and the training curves OUT/curves.png (and .svg) are rewritten.
+    """
     from qrs.distributed import is_main_process
     from qrs.train import TrainConfig, train as run_train
 
@@ -179,7 +187,7 @@ def train(
         mask_fraction=mask_fraction, mask_map=mask_map,
         patience=patience, seed=seed,
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
-        best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume,
+        best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume, tensorboard=tensorboard,
     ))
     if result.history and is_main_process():
         last = result.history[-1]
@@ -338,10 +346,11 @@ def calibrate(
     num_workers: Annotated[int, typer.Option("--num_workers", "--num-workers", help="DataLoader workers.")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Store the QRS calibration scale and the risk cut points in a checkpoint (QRS_SPEC section 3).
+    """Store the QRS calibration scale and the risk cut points in a checkpoint.
 
     Default: scale = 0.99 quantile of the map peaks of the good validation parts / threshold, so about
-    99% of good parts score QRS 0. Cuts: from the validation split.
+    99% of good parts score QRS 0. Cuts: from the validation split; the output says what each risk level
+    holds there. The rules: docs/method.md#calibration and docs/method.md#risk-levels.
     """
     from qrs.distributed import is_main_process
     from qrs.extract import calibrate as run_calibrate, describe_calibration
@@ -351,9 +360,7 @@ def calibrate(
                         num_workers=num_workers)
     if not is_main_process():
         return
-    cuts = cal["risk_cuts"]
-    typer.echo(f"calibrated {model}: {describe_calibration(cal)}; "
-               + (f"risk cuts low {cuts['low']:.4g}, high {cuts['high']:.4g}" if cuts else cal["risk_note"]))
+    typer.echo(f"calibrated {model}: {describe_calibration(cal)}\nrisk levels: {cal['risk_note']}")
 
 
 @app.command()

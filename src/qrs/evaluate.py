@@ -1,4 +1,4 @@
-"""``qrs evaluate``: the paper's F1 table and more, per checkpoint (QRS_SPEC section 5).
+"""``qrs evaluate``: the paper's F1 table and more, per checkpoint (docs/method.md#classification).
 
 Positive class = defective, prediction = argmax of the softmax. Besides F1, precision, recall,
 accuracy and the confusion matrix, it reports the threshold-free AP and AUROC of p_defective, and

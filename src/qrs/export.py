@@ -1,6 +1,6 @@
 """``qrs export``: the classifier, its Grad-CAM++ map and QRS in one ONNX graph, for ONNX Runtime on the line.
 
-For a GAP + linear model the map needs no backward pass (QRS_SPEC section 2): the explanation is a
+For a GAP + linear model the map needs no backward pass (docs/method.md#without-a-backward-pass): the explanation is a
 few tensor operations after the forward pass and is exported with it. :class:`ScoringGraph` calls
 :func:`qrs.extract.score_batch`, the one scoring path, and torch's own exporter (``torch.onnx.export``,
 the dynamo exporter) traces it, so the graph computes what ``qrs extract`` and ``qrs score`` compute.

@@ -1,7 +1,7 @@
 """``qrs calibrate`` and ``qrs extract``: Grad-CAM++ maps and QRS for every image of the chosen splits.
 
 Extraction streams: each batch's full-resolution maps are reduced to the per-image outputs of
-QRS_SPEC section 4 (and the localisation metrics) and dropped; only the low-resolution raw maps
+docs/method.md#quality-risk-score (and the localisation metrics) and dropped; only the low-resolution raw maps
 are kept, so memory stays bounded however many images there are. Under torchrun each rank scores
 every world_size-th image and rank 0 writes the same files, in the same order, as one process.
 """
@@ -179,7 +179,7 @@ def describe_calibration(calibration: dict[str, Any]) -> str:
 
 
 def _anchor_parts(data: PreparedDataset, anchor: str) -> tuple[str, list[int], str]:
-    """(split, indices within it, note) of the parts whose peaks set the scale (QRS_SPEC section 3)."""
+    """(split, indices within it, note) of the parts whose peaks set the scale (docs/method.md#calibration)."""
     if anchor == "defective":
         labels = data.rows("train")["label"].tolist()
         indices = [i for i, lab in enumerate(labels) if lab == 1]
@@ -204,7 +204,7 @@ def calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[s
               options: ScoreOptions = ScoreOptions(), anchor: str = "good", quantile: float | None = None,
               batch_size: int = 32, device: str = "auto", num_workers: int = 0,
               progress: bool = True) -> dict[str, Any]:
-    """Compute the calibration scale (QRS_SPEC section 3: ``anchor`` good or defective, peak
+    """Compute the calibration scale (docs/method.md#calibration: ``anchor`` good or defective, peak
     ``quantile``, default 0.99 or 0.5) and the risk cut points (validation split), store them in the
     checkpoint, and return them."""
     return _calibrate(model_path, data_root, options, batch_size, num_workers, progress, init_distributed(device),
@@ -239,11 +239,8 @@ def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[
     if has_val:
         rows = _score_split(model, data.split("val"), ctx, scale, options, batch_size, num_workers, progress,
                             desc="risk cuts")
-        cuts = risk_cuts(rows["qrs"], rows["label"])
-        if cuts is None:
-            calibration["risk_note"] = ("too few defective validation parts (or no QRS cut where >= 95% of parts "
-                                        "are defective): no risk levels")
-        else:
+        cuts, calibration["risk_note"] = risk_cuts(rows["qrs"], rows["label"])
+        if cuts is not None:
             calibration["risk_cuts"] = {"low": cuts[0], "high": cuts[1]}
     else:
         calibration["risk_note"] = "no validation split: no risk levels"
@@ -326,7 +323,8 @@ def extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str]
             out_dir: str | os.PathLike[str] = ".", options: ScoreOptions = ScoreOptions(), batch_size: int = 32,
             num_workers: int = 0, img_size: Sequence[int] | None = None, device: str = "auto",
             progress: bool = True) -> ExtractResult:
-    """Grad-CAM++ and QRS for every image of ``modes``; writes the npz, xlsx and csv of spec section 8.
+    """Grad-CAM++ and QRS for every image of ``modes``; writes the npz, xlsx and csv of
+    docs/method.md#extraction-outputs.
 
     With ``norm="dataset"`` the checkpoint is calibrated first when it has no calibration for
     ``options.method`` (or, anchored on good parts, for ``options.threshold``, which enters the scale).
@@ -377,7 +375,9 @@ def _extract(data_dir: str | os.PathLike[str], model_path: str | os.PathLike[str
                     "data_dir": str(data_dir), "img_size": list(data.img_size),
                     "output_stride": model_output_stride(model.qrs_meta), "scale": scale,
                     "calibration": calibration_source(calibration) if calibration else None,
-                    "mask_guidance": model.qrs_meta.get("mask_guidance"), **asdict(options),
+                    "mask_guidance": model.qrs_meta.get("mask_guidance"), "run_dir": model.qrs_meta.get("run_dir"),
+                    "risk_cuts": calibration.get("risk_cuts"), "risk_note": calibration.get("risk_note"),
+                    **asdict(options),
                     "excel_prefix": excel_prefix, "output_prefix": output_prefix}
             files[mode] = _write_mode(out, output_prefix, excel_prefix, mode, rows, result, meta)
     return ExtractResult(files, frames, scale)

@@ -1,4 +1,4 @@
-"""Mask-guided training (QRS_SPEC section 2b): a training-only term that asks the explained map to
+"""Mask-guided training (docs/method.md#mask-guided-training): a training-only term that asks the explained map to
 lie on the defect. Tensors in, tensors out.
 
 For a defective training image with a mask, C is the Grad-CAM++ map of class 1 on the target

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 ROI_COLOUR = np.array([0, 255, 255], dtype=np.float32)
 OVER_COLOUR = np.array([255, 255, 255], dtype=np.float32)
+DEFECT_COLOUR = np.array([255, 0, 255], dtype=np.float32)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -48,13 +49,16 @@ def evidence_view(strength: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def render_overlay(rgb: np.ndarray, strength: np.ndarray, threshold: float, roi: np.ndarray | None = None, *,
-                   alpha: float = 0.45) -> np.ndarray:
+                   defect: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
     """Blend the evidence ``strength`` (HxW, see :func:`evidence_view`; jet colours) over ``rgb`` (HxWx3
-    uint8), then draw the ROI outline (cyan) and the outline of the ROI's pixels over tau (white)."""
+    uint8), then draw the ROI outline (cyan), the outline of a known defect mask (magenta) and the
+    outline of the ROI's pixels over tau (white)."""
     heat = colormaps["jet"](evidence_view(strength, threshold))[:, :, :3] * 255.0
     out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
     if roi is not None and not roi.all():
         out[_outline(roi)] = ROI_COLOUR
+    if defect is not None and defect.any():
+        out[_outline(defect)] = DEFECT_COLOUR
     over = strength >= threshold
     if roi is not None:
         over &= roi

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qrs.analysis import training_curves_plot
 from qrs.atomic import write_json, write_text
 from qrs.data.dataset import PreparedDataset
 from qrs.distributed import DistContext, barrier, init_distributed
@@ -86,7 +87,7 @@ def run_pipeline(data: str | os.PathLike[str], out: str | os.PathLike[str], conf
     step(ctx, "calibrate the QRS scale (anchor: good validation parts) and risk cut points", calibrated)
     if not calibrated:
         cal = calibrate(model, data, device=cfg.device, progress=progress)
-        _say(ctx, f"{describe_calibration(cal)}; risk cuts {cal['risk_cuts'] or cal['risk_note']}")
+        _say(ctx, f"{describe_calibration(cal)}\nrisk levels: {cal['risk_note']}")
     barrier(ctx)
 
     step(ctx, f"extract the maps and QRS for {' and '.join(modes)} -> {ext}")
@@ -139,9 +140,14 @@ def seed_row(out: str | os.PathLike[str]) -> dict[str, float | None]:
             "s_per_epoch": float(pd.read_csv(out / "run" / "log.csv")["time_s"].mean())}
 
 
+def read_log(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """A training run's log rows (``log.jsonl``), one per epoch."""
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line]
+
+
 def _train_options(config: TrainConfig) -> dict[str, Any]:
     """What must match for a finished seed to count: the training options other than the seed and paths."""
-    skip = {"seed", "out", "resume", "progress", "best_loss_path", "best_acc_path"}
+    skip = {"seed", "out", "resume", "progress", "best_loss_path", "best_acc_path", "tensorboard"}
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k not in skip}
 
 
@@ -204,8 +210,9 @@ def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *
             rows[seed] = saved["row"]
             continue
         _say(ctx, f"=== seed {seed} ({k}/{len(seeds)}) -> {seed_dir}")
-        run_pipeline(data, seed_dir, replace(config, seed=seed), faithfulness=faithfulness, modes=modes,
-                     progress=progress)
+        board = Path(config.tensorboard) / f"seed-{seed}" if config.tensorboard else None
+        run_pipeline(data, seed_dir, replace(config, seed=seed, tensorboard=board), faithfulness=faithfulness,
+                     modes=modes, progress=progress)
         if ctx.is_main:
             rows[seed] = seed_row(seed_dir)
             write_json(summary_path, {"seed": seed, "train_options": options, "row": rows[seed]})
@@ -219,6 +226,8 @@ def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *
     pd.concat([frame, summary]).to_csv(buf, index_label="seed")
     files = [out / "repeat.csv", out / "repeat.json"]
     write_text(files[0], buf.getvalue())
+    logs = {f"seed {seed}": read_log(out / f"seed-{seed}" / "run") for seed in seeds}
+    files += training_curves_plot(logs, out / "curves", title=f"{config.arch}: training curves of {len(seeds)} seeds")
     write_json(files[1], {"seeds": list(seeds), "train_options": options, "labels": REPEAT_COLUMNS,
                           "per_seed": {str(s): r for s, r in rows.items()},
                           "mean": {k: _finite(v) for k, v in summary.loc["mean"].items()},

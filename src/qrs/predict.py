@@ -39,13 +39,12 @@ from qrs.images import ImageError, open_rgb, pad_geometry, resize_image
 from qrs.model import load_checkpoint, model_output_stride, model_size, resolve_device
 from qrs.overlay import png_bytes, render_overlay
 from qrs.score import normalize_maps, risk_level
+from qrs.scoring import scoring
 
 CSV_COLUMNS = ("file", "verdict", "prediction", "p_defective", "qrs", "risk_level", "area", "n_over", "mean_over",
                "max_over", "peak", "norm", "overlay", "error")
 OVERLAY_MAX_SIDE = 512
 """Longest side of an overlay PNG: big enough to see a defect, small enough to send back."""
-UNCALIBRATED_NOTE = ("the checkpoint is not calibrated (run `qrs calibrate`): QRS uses per-image min-max maps "
-                     "(norm=image), not comparable across images, and there are no risk levels")
 
 def training_resize(meta: dict[str, Any]) -> str:
     """The resize mode of the model's training data.
@@ -114,33 +113,10 @@ class TorchBackend:
         return model_cams(self.model, images, options)
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """How a model's checkpoint says to score: options, calibration scale, risk cuts and a note."""
-
-    options: ScoreOptions
-    scale: float | None
-    cuts: tuple[float, float] | None
-    note: str
-
-
-def scoring(meta: dict[str, Any]) -> Scoring:
-    """A calibrated checkpoint scores with its calibration's method, threshold, norm, aggregation, scale
-    and risk cuts; an uncalibrated one with norm=image, no risk levels, and a note that says so."""
-    calibration = meta.get("calibration")
-    if not calibration:
-        return Scoring(ScoreOptions(norm="image"), None, None, UNCALIBRATED_NOTE)
-    options = ScoreOptions(method=calibration["method"], threshold=calibration["threshold"],
-                           norm=calibration["norm"], aggregation=calibration["aggregation"])
-    cuts = calibration.get("risk_cuts")
-    note = "" if cuts else str(calibration.get("risk_note") or "no risk cuts: no risk levels")
-    return Scoring(options, float(calibration["scale"]), (float(cuts["low"]), float(cuts["high"])) if cuts else None,
-                   note)
-
-
 class Scorer:
-    """A model with everything needed to score raw images the way it was calibrated (see :func:`scoring`),
-    on either backend: the same rows from a checkpoint and from its exported ONNX model.
+    """A model with everything needed to score raw images the way it was calibrated (see
+    :func:`qrs.scoring.scoring`), on either backend: the same rows from a checkpoint and from its exported
+    ONNX model.
     """
 
     def __init__(self, model: nn.Module | Backend, *, resize: str | None = None) -> None:

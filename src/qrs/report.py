@@ -34,7 +34,7 @@ from qrs.faithfulness import DELETION_FRACTIONS, check_fractions, deletion_drops
 from qrs.images import as_size
 from qrs.model import load_checkpoint, resolve_device
 from qrs.overlay import png_bytes, render_overlay
-from qrs.score import normalize_maps, quality_risk_scores
+from qrs.score import normalize_maps, quality_risk_scores, risk_level
 
 GALLERY_SIZE = 8
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "evidence": "class evidence",
@@ -225,6 +225,7 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
     bootstrap = BootstrapOptions(n_resamples)
     stats: dict[str, Any] = {"extract_dir": str(extract_dir), "options": outputs[0].options,
                              "mask_guided": bool(outputs[0].options.get("mask_guidance")),
+                             "training_curves": training_curves_source(outputs[0].options),
                              "ci_options": bootstrap.describe(), "modes": {}}
     plots: list[Path] = []
     for mo in outputs:
@@ -234,7 +235,8 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
                  "agreement": agreement(labels, rows["prediction"].to_numpy(), rows["p_defective"].to_numpy(), qrs,
                                         rows["peak"].to_numpy()),
                  "localisation": localisation_summary(rows), "per_defect_type": per_defect_type(rows),
-                 "n_images": int(len(rows))}
+                 "n_images": int(len(rows)),
+                 "risk_levels": risk_level_counts(qrs, labels, mo.options.get("risk_cuts"))}
         plots += agreement_plot(rows["p_defective"].to_numpy(), qrs, labels, out / f"agreement_{mo.mode}",
                                 title=f"{mo.mode} split: p_defective and QRS per part")
         plots += distribution_plot(qrs, labels, mo.options["arch"], out / f"qrs_distribution_{mo.mode}",
@@ -255,6 +257,68 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
     return AnalyzeResult(out, report, stats, plots, metrics_obj)
 
 
+def training_curves_source(options: dict[str, Any]) -> dict[str, Any]:
+    """Where the training curves of the run that the extract's checkpoint came from are: ``png`` (the
+    run directory's ``curves.png``) or None with a ``note`` that says why they are missing."""
+    run_dir = options.get("run_dir")
+    if not run_dir:
+        return {"run_dir": None, "png": None,
+                "note": f"the checkpoint {options['model_path']} records no run directory (it was trained before qrs "
+                        "recorded one, or extracted before the extract kept it): no training curves"}
+    png = Path(run_dir) / "curves.png"
+    if not png.is_file():
+        return {"run_dir": run_dir, "png": None,
+                "note": f"{png} does not exist (the run directory was moved or removed, or the run was trained "
+                        "before qrs drew its curves): no training curves"}
+    return {"run_dir": run_dir, "png": str(png), "note": ""}
+
+
+RISK_LEVELS = ("low", "medium", "high")
+
+
+def risk_level_counts(qrs: np.ndarray, labels: np.ndarray,
+                      cuts: dict[str, float] | None) -> dict[str, dict[str, int]] | None:
+    """Per risk level the number of good and defective parts, under the calibration's cut points (None
+    without cut points)."""
+    if not cuts:
+        return None
+    levels = np.array(risk_level(np.array(qrs, dtype=np.float64), (cuts["low"], cuts["high"])))
+    labels = np.asarray(labels).astype(int)
+    return {level: {"good": int(((levels == level) & (labels == 0)).sum()),
+                    "defective": int(((levels == level) & (labels == 1)).sum())} for level in RISK_LEVELS}
+
+
+def _training_curves(source: dict[str, Any], model_path: str) -> str:
+    """The report's section of the training curves, or why they are missing."""
+    head = "<h2>Training curves</h2>"
+    if not source["png"]:
+        return head + f"<p class='none'>{html.escape(source['note'])}</p>"
+    return head + (f"<p>The run {html.escape(model_path)} came from ({html.escape(source['run_dir'])}), as its "
+                   "<code>curves.png</code> shows it now: star = best validation loss (<code>best_loss.pt</code>), "
+                   "diamond = best validation accuracy (<code>best_acc.pt</code>).</p>"
+                   f"<div class='plots'><img class='wide' src='{_data_uri(Path(source['png']).read_bytes())}' "
+                   "alt='training curves'></div>")
+
+
+def _risk_levels(stats: dict[str, Any], options: dict[str, Any]) -> str:
+    """The report's section of the risk levels: the cut points, how they came about, and the parts per level."""
+    head = "<h2>Risk levels</h2>"
+    cuts = options.get("risk_cuts")
+    if not cuts:
+        why = options.get("risk_note") or "the checkpoint is not calibrated"
+        return head + f"<p class='none'>No risk levels: {html.escape(why)}.</p>"
+    low, high = cuts["low"], cuts["high"]
+    bands = (f"low: QRS &lt; {low:.4g} (release) &middot; medium: {low:.4g} &le; QRS &lt; {high:.4g} (look at the "
+             f"part) &middot; high: QRS &ge; {high:.4g} (reject)" if low < high else
+             f"low: QRS &lt; {high:.4g} &middot; high: QRS &ge; {high:.4g} (two levels only)")
+    rows = [[mode, *(f"{c[level]['good']} / {c[level]['defective']}" for level in RISK_LEVELS)]
+            for mode, st in stats["modes"].items() for c in [st["risk_levels"]]]
+    return head + (f"<p>{bands}. From the validation split by <code>qrs calibrate</code>: "
+                   f"{html.escape(options.get('risk_note') or '')}.</p>"
+                   + _table(["split", "low: good / defective", "medium: good / defective", "high: good / defective"],
+                            rows))
+
+
 def _calibration_text(source: dict[str, Any] | None) -> str:
     """Where the scale came from, e.g. " (anchor good: 0.99 quantile of 120 val parts' peaks)"."""
     if not source:
@@ -265,7 +329,7 @@ def _calibration_text(source: dict[str, Any] | None) -> str:
 
 
 def _guidance_text(guidance: dict[str, Any] | None) -> str:
-    """How the model was trained with respect to the defect masks (QRS_SPEC section 2b)."""
+    """How the model was trained with respect to the defect masks (docs/method.md#mask-guided-training)."""
     if not guidance:
         return "Trained without mask guidance (classification loss only)."
     shaped = METHOD_LABELS.get(guidance.get("map", "gradcam++"), guidance.get("map"))
@@ -315,9 +379,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _images(plots: list[Path], prefix: str) -> str:
-    """The PNG plots whose names start with ``prefix``, embedded side by side."""
-    return "<div class='plots'>" + "".join(f"<img src='{_data_uri(p.read_bytes())}' alt='{html.escape(p.stem)}'>"
+def _images(plots: list[Path], prefix: str, css: str = "") -> str:
+    """The PNG plots whose names start with ``prefix``, embedded side by side (``css``: their class)."""
+    return "<div class='plots'>" + "".join(f"<img class='{css}' src='{_data_uri(p.read_bytes())}' "
+                                           f"alt='{html.escape(p.stem)}'>"
                                            for p in plots if p.suffix == ".png" and p.stem.startswith(prefix)) + "</div>"
 
 
@@ -403,7 +468,7 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
     opts = outputs[0].options
     data_dir = Path(opts["data_dir"])
     data = PreparedDataset(data_dir) if (data_dir / "index.csv").is_file() else None
-    sections = []
+    sections = [_training_curves(stats["training_curves"], opts["model_path"])]
     if metrics:
         sections.append("<h2>Classification (test split)</h2>" + _table(
             ["checkpoint", "F1", "precision", "recall", "accuracy", "AP", "AUROC", "confusion [[tn, fp], [fn, tp]]"],
@@ -420,11 +485,14 @@ def render_report(outputs: list[ModeOutputs], stats: dict[str, Any], metrics: di
           f"{_fmt(q['zero_share_defective'])} / {with_interval(q['zero_share_good'], st['qrs_ci']['zero_share_good'])}"]
          for mode, st in stats["modes"].items() for q in [st["qrs"]]]))
     sections.append(_agreement_section(stats, plots))
+    sections.append(_risk_levels(stats, opts))
     sections.append("<h2>Localisation (defective images with regions)</h2>" + _table(
         ["split", "pointing game (15 px at 224)", "energy in defect boxes", "IoU of M ≥ τ with the mask"],
         [[mode, _fmt(loc["pointing_game"]), _fmt(loc["energy_in_boxes"]), _fmt(loc["iou"])]
          for mode, st in stats["modes"].items() for loc in [st["localisation"]]]))
-    sections.append("<h2>Distributions</h2>" + _images(plots, "qrs_distribution_"))
+    sections.append("<h2>Distributions</h2><p>Left, the paper's figure with the share of each class at exactly QRS 0; "
+                    "right, only the parts with QRS &gt; 0, which the spike at 0 hides on the left.</p>"
+                    + _images(plots, "qrs_distribution_", "wide"))
     sections.append(_how_sure(stats, metrics, plots))
     for mo in outputs:
         types = stats["modes"][mo.mode]["per_defect_type"]
@@ -456,6 +524,7 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f0f0f0; }} td:first-child {{ text-align: left; }}
 .plots img {{ max-width: 48%; margin-right: 1%; }}
+.plots img.wide {{ max-width: 100%; }}
 .gallery {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 figure {{ margin: 0; border: 1px solid #ddd; padding: 6px; font-size: 12px; }}
 h3 {{ margin-top: 1.2em; }}

@@ -25,7 +25,7 @@ from qrs.cam import CamResult
 from qrs.errors import QrsError
 from qrs.extract import ScoreOptions
 from qrs.images import as_size
-from qrs.predict import scoring
+from qrs.scoring import scoring
 
 FORMAT_TAG = "qrs-onnx"
 """``metadata_props["qrs_format"]`` of every model ``qrs export`` writes: how a qrs ONNX file is recognised."""

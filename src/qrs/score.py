@@ -1,4 +1,4 @@
-"""Quality Risk Score math (QRS_SPEC sections 3 and 4): tensors in, tensors out, no I/O.
+"""Quality Risk Score math (docs/method.md#calibration, #quality-risk-score): tensors in, tensors out, no I/O.
 
 Maps are raw class activation maps C (B x H x W, usually upsampled to the input size); the ROI R is
 a boolean mask of the inspected part. M is the normalised map in [0, 1] and tau the threshold.
@@ -143,7 +143,7 @@ def qrs_details(
     threshold: float = 0.9,
     norm: str = "dataset",
 ) -> dict[str, Tensor]:
-    """The per-image outputs of spec section 4, each a tensor of shape (B,).
+    """The per-image outputs of docs/method.md#quality-risk-score, each a tensor of shape (B,).
 
     qrs (mass aggregation), area (share of R over tau), n_over (int64 count of R pixels over tau),
     mean_over and max_over (of M over tau inside R, 0 when none), peak (max of the raw map).
@@ -164,12 +164,12 @@ def qrs_details(
 
 
 DEFAULT_QUANTILE = {"good": 0.99, "defective": 0.5}
-"""The peak quantile q per calibration anchor (QRS_SPEC section 3)."""
+"""The peak quantile q per calibration anchor (docs/method.md#calibration)."""
 
 
 def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", quantile: float | None = None,
                       threshold: float = 0.9) -> float:
-    """The dataset-norm scale s from the raw-map peaks of the anchor parts (QRS_SPEC section 3).
+    """The dataset-norm scale s from the raw-map peaks of the anchor parts (docs/method.md#calibration).
 
     ``good`` (peaks of good parts): s = P_q / tau, so M reaches tau exactly where the map is stronger
     than a share q of good parts ever show (q defaults to 0.99). ``defective`` (peaks of defective
@@ -204,12 +204,25 @@ HIGH_CUT_PRECISION_PCT = 95
 """Share of defective parts (percent) among all parts at or above the high cut."""
 
 
-def risk_cuts(qrs: Tensor | Sequence[float], labels: Tensor | Sequence[int]) -> tuple[float, float] | None:
-    """Cuts (low, high) on QRS from a validation split (labels: 1 = defective, 0 = good).
+def risk_cuts(qrs: Tensor | Sequence[float],
+              labels: Tensor | Sequence[int]) -> tuple[tuple[float, float] | None, str]:
+    """Cuts (low, high) on QRS from a validation split (labels: 1 = defective, 0 = good), and a line
+    that says how they came about and what they do to the validation parts (or why there are none).
 
-    Candidate cuts are the observed QRS values. low: the highest cut that keeps >= 99% of defective
-    parts at or above it. high: the lowest cut at or above which >= 95% of the parts are defective.
-    None when there are fewer than 5 defective parts or no cut reaches 95%. low is capped at high.
+    QRS below low is low risk (release), at or above high is high risk (reject), between is medium
+    (a person looks at the part). Candidate cuts are the observed QRS values:
+
+    - the recall cut R: the highest cut that keeps >= 99% of the defective parts at or above it;
+    - the precision cut P: the lowest cut at or above which >= 95% of the parts are defective.
+
+    low = min(R, P): below it lie at most 1% of the defective parts. high = the lowest cut at or above R
+    where >= 95% of the parts are defective (P itself when P >= R): at or above it the parts are
+    defective and hold almost all the defects. Where the classes overlap (R < P) medium holds the
+    mixed parts; where they separate (P < R) it holds the few parts between them. Where R = P (the
+    split separates exactly there) low is halfway between the highest QRS below that cut and the cut,
+    so that the gap no validation part falls in becomes medium in its upper half; only when no part
+    scores below the cut are there two levels (low = high). None when there are fewer than 5
+    defective parts or no cut reaches 95%.
     """
     scores = torch.as_tensor(qrs, dtype=torch.float64).flatten()
     defective = torch.as_tensor(labels).flatten().to(torch.bool)
@@ -217,18 +230,44 @@ def risk_cuts(qrs: Tensor | Sequence[float], labels: Tensor | Sequence[int]) -> 
         raise ValueError(f"qrs and labels differ in length: {scores.numel()} vs {defective.numel()}")
     n_defective = int(defective.sum())
     if n_defective < MIN_DEFECTIVE_FOR_CUTS:
-        return None
+        return None, (f"too few defective validation parts ({n_defective}, fewer than {MIN_DEFECTIVE_FOR_CUTS}): "
+                      "no risk levels")
     cuts = torch.unique(scores)
     at_or_above = scores[None, :] >= cuts[:, None]
     kept_defective = (at_or_above & defective[None, :]).sum(dim=1)
     kept = at_or_above.sum(dim=1)
     enough_recall = 100 * kept_defective >= LOW_CUT_RECALL_PCT * n_defective
     precise = 100 * kept_defective >= HIGH_CUT_PRECISION_PCT * kept
-    if not precise.any():
-        return None
-    high = float(cuts[precise].min())
-    low = float(cuts[enough_recall].max())
-    return min(low, high), high
+    recall_cut = float(cuts[enough_recall].max())
+    if not (precise & (cuts >= recall_cut)).any():
+        return None, (f"no QRS cut at or above which >= {HIGH_CUT_PRECISION_PCT}% of the validation parts are "
+                      "defective: no risk levels")
+    precision_cut = float(cuts[precise].min())
+    high = float(cuts[precise & (cuts >= recall_cut)].min())
+    low = min(recall_cut, precision_cut)
+    how = ""
+    if low == high:
+        below = scores[scores < high]
+        if below.numel() == 0:
+            return (high, high), (f"low = high = {high:.4g}: no validation part scores below it, so there are two "
+                                  f"levels only; at or above it {_share_defective(scores, defective, high)}")
+        gap_low = float(below.max())
+        low = (gap_low + high) / 2
+        how = (f"the validation parts separate at {high:.4g} with none between {gap_low:.4g} and it, so low is "
+               "halfway across that gap and a new part nearer the high cut is medium; ")
+    level = torch.where(scores >= high, 2, torch.where(scores < low, 0, 1))
+    count = {(k, d): int(((level == k) & (defective == d)).sum()) for k in (0, 1, 2) for d in (False, True)}
+    return (low, high), (f"{how}low {low:.4g}: below it {count[0, True]} of the {n_defective} defective validation "
+                         f"parts (at most {100 - LOW_CUT_RECALL_PCT}%) and {count[0, False]} good ones; high "
+                         f"{high:.4g}: at or above it {_share_defective(scores, defective, high)}; medium between: "
+                         f"{count[1, False]} good and {count[1, True]} defective validation parts")
+
+
+def _share_defective(scores: Tensor, defective: Tensor, cut: float) -> str:
+    """'N of the M validation parts are defective (P%)' for the parts at or above ``cut``."""
+    kept = scores >= cut
+    n, bad = int(kept.sum()), int((kept & defective).sum())
+    return f"{bad} of the {n} validation parts are defective ({bad / n:.0%})"
 
 
 def risk_level(qrs: Tensor | Sequence[float], cuts: tuple[float, float] | None) -> list[str]:

@@ -83,7 +83,7 @@ class RiskCuts(BaseModel):
 
 
 class CalibrationInfo(BaseModel):
-    """Where the calibration scale came from (QRS_SPEC section 3)."""
+    """Where the calibration scale came from (docs/method.md#calibration)."""
 
     anchor: str = Field(description="good: scale = quantile of good parts' map peaks / threshold; defective: "
                                     "scale = quantile of defective training parts' peaks")

@@ -38,6 +38,7 @@ from qrs.images import size_text
 from qrs.memory import check_fits, training_need
 from qrs.model import (base_meta, build_model, model_output_stride, model_size, normalize, read_checkpoint,
                        save_checkpoint)
+from qrs.monitor import TrainMonitor, summary_writer_class
 
 
 
@@ -76,6 +77,7 @@ class TrainConfig:
     best_acc_path: Path | None = None
     resume: bool = False
     progress: bool = True
+    tensorboard: Path | None = None
 
     def paths(self) -> tuple[Path, Path, Path]:
         """(best_loss, best_acc, last) checkpoint paths, defaulting into ``out``."""
@@ -151,7 +153,8 @@ def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator,
 
 @dataclass(frozen=True)
 class MaskGuidance:
-    """The mask term of one run (QRS_SPEC section 2b): which training images use their mask, and how."""
+    """The mask term of one run (docs/method.md#mask-guided-training): which training images use their
+    mask, and how."""
 
     split: GapLinear
     use: torch.Tensor
@@ -288,9 +291,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     meta: dict[str, Any], cfg: TrainConfig, ctx: DistContext, generator: torch.Generator, epoch: int,
                     on_batch: Callable[[int, int], None] | None,
-                    guidance: MaskGuidance | None = None) -> dict[str, float]:
+                    guidance: MaskGuidance | None = None,
+                    on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
     """One pass over the training split; the mean training loss (and, guided, the mean mask term and
-    the last weight lambda) over all ranks. ``model`` returns (logits, A) when ``guidance`` is given."""
+    the last weight lambda) over all ranks. ``model`` returns (logits, A) when ``guidance`` is given.
+    ``on_step(step, values)`` gets this process's batch values after every optimiser step (``step``
+    counts from 1 over the run)."""
     model.train()
     totals = torch.zeros(4, dtype=torch.float64)
     lam = 0.0
@@ -310,13 +316,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
                 lam = mask_weight((epoch - 1) * len(loader) + i, guidance.total_steps, guidance.weight,
                                   guidance.warmup)
                 chosen = select_masked(labels, defect.to(ctx.device), guidance.use[batch["index"]].to(ctx.device))
+                term_value = math.nan
                 if chosen.any():
                     cam = closed_form_cam(guidance.split, a[chosen], method=guidance.method)
                     term = energy_loss(cam, grid_mask(defect.to(ctx.device)[chosen], cam.shape[-2:],
                                                       guidance.dilate)).mean()
                     loss = loss + lam * term
-                    totals[2:] += torch.tensor([term.item() * int(chosen.sum()), int(chosen.sum())],
+                    term_value = term.item()
+                    totals[2:] += torch.tensor([term_value * int(chosen.sum()), int(chosen.sum())],
                                                dtype=torch.float64)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -324,6 +333,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         scheduler.step()
         totals[:2] += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_step is not None:
+            values = {"train_loss": loss.item(), "lr": lr}
+            if guidance is not None:
+                values.update(train_mask_loss=term_value, mask_weight=lam)
+            on_step((epoch - 1) * len(loader) + i + 1, values)
     totals = all_reduce_sum(totals, ctx)
     out = {"train_loss": float(totals[0] / totals[1])}
     if guidance is not None:
@@ -397,6 +411,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         raise QrsError("--num_epochs, --batch_size and --patience must be >= 1 and --learning_rate > 0")
     if not 0 <= cfg.warmup_epochs < cfg.num_epochs:
         raise QrsError(f"--warmup-epochs must be in [0, --num_epochs), got {cfg.warmup_epochs:g}")
+    if cfg.tensorboard is not None:
+        summary_writer_class()
     data = PreparedDataset(cfg.data_root)
     best_loss_path, best_acc_path, last_path = cfg.paths()
     out = cfg.out_dir()
@@ -409,6 +425,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     meta = base_meta(cfg.arch, data.img_size, output_stride=cfg.output_stride, dataset_hash=data.dataset_hash,
                      seed=cfg.seed)
     meta["train_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    meta["run_dir"] = str(out.resolve())
     mask_loss, mask_note = resolve_mask_loss(cfg, data)
     cfg = replace(cfg, mask_loss=mask_loss)
     if mask_note and ctx.is_main:
@@ -455,6 +472,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
             print(f"note: {last_path} was written by {len(gen_states)} process(es), this run has {ctx.world_size}: "
                   "augmentation is reseeded, so the run differs from an uninterrupted one")
         start_epoch = state["meta"]["epoch"] + 1
+    monitor = TrainMonitor(out, ctx, title=f"{out.name}: {cfg.arch}, {'mask-guided' if guidance else 'labels only'}, "
+                                           f"seed {cfg.seed}",
+                           tensorboard=cfg.tensorboard, val_split=data.split("val") if cfg.tensorboard else None,
+                           meta=meta, purge_step=(start_epoch - 1) * steps + 1 if cfg.resume else None)
     net = model if guidance is None else WithFeatures(model, guidance.split)
     ddp = DistributedDataParallel(net) if ctx.distributed else net
     epochs = tqdm(range(start_epoch, cfg.num_epochs + 1), desc="train", unit="epoch", initial=start_epoch - 1,
@@ -465,7 +486,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
             train_loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         losses = train_one_epoch(ddp, train_loader, criterion, optimizer, scheduler, scaler, meta, cfg, ctx,
-                                 generator, epoch, on_batch, guidance)
+                                 generator, epoch, on_batch, guidance, monitor.step)
         broadcast_buffers(model, ctx)
         metrics = validate(model, val_loader, criterion, meta, ctx)
         row = {"epoch": epoch, "mask_loss": cfg.mask_loss, **losses, **metrics, "time_s": time.perf_counter() - t0,
@@ -486,11 +507,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
                             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), early_stopping=asdict(stopper), best=dict(best),
                             history=history, rng={"torch": torch.get_rng_state(), "generator": gen_states})
             _write_log(out, history)
+            monitor.epoch(history, epoch * steps, model)
             epochs.set_postfix(train=f"{train_loss:.3f}", val=f"{metrics['val_loss']:.3f}",
                                acc=f"{metrics['val_acc']:.3f}", f1=f"{metrics['val_f1']:.3f}")
         if stopped:
             break
     epochs.close()
+    monitor.close()
     barrier(ctx)
     return TrainResult(best_loss_path, best_acc_path, last_path, history, stopped)
 

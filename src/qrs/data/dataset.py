@@ -1,4 +1,4 @@
-"""The prepared dataset on disk (QRS_SPEC section 7).
+"""The prepared dataset on disk (docs/method.md#prepared-dataset).
 
 Images are decoded once into a uint8 memory map per split (``cache/<split>-<hash>.npy``), so
 training epochs never decode PNGs again; the cache is keyed by the index's hash and rebuilt when it

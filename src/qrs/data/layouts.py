@@ -1,4 +1,4 @@
-"""Readers of the raw dataset layouts (QRS_SPEC section 6): each lists the records to prepare.
+"""Readers of the raw dataset layouts (docs/method.md#dataset-layouts): each lists the records to prepare.
 
 A reader only walks the file tree and tables; images are decoded later, in ``prepare``. Problems
 that concern a single file (a missing mask, a special file, a name that is not UTF-8: see

@@ -1,4 +1,4 @@
-"""``qrs prepare``: a raw dataset -> a prepared dataset (QRS_SPEC section 7).
+"""``qrs prepare``: a raw dataset -> a prepared dataset (docs/method.md#prepared-dataset).
 
 Every image becomes an RGB PNG of ``img_size`` (height x width), every mask with defect pixels a nearest-neighbour
 resized 0/255 PNG (an all-zero mask, e.g. a good KSDD2 part's, is not written: no mask file means no

@@ -1,4 +1,4 @@
-"""Synthetic visual-inspection datasets, written in the raw layouts of QRS_SPEC section 6.
+"""Synthetic visual-inspection datasets, written in the raw layouts of docs/method.md#dataset-layouts.
 
 Why: the whole pipeline (prepare, train, extract, analyze) needs data with exactly known defect
 masks to be tested and demonstrated without downloading KolektorSDD2 or Sensum SODF. Each image is
