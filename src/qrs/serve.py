@@ -49,6 +49,8 @@ PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-i
             "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 """The web page may talk to this service only: nothing from the internet, ever."""
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DRAIN_BYTES = 64 * 2**20
+"""How much of a body over the upload limit is still read (and dropped) before the 413 is sent."""
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -149,8 +151,14 @@ SCORE_REQUEST_BODY = {
 
 
 class UploadLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413, at once when Content-Length says
-    so, else as soon as the bytes received pass the limit (chunked or lying clients)."""
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, decided from Content-Length when it
+    says so, else as soon as the bytes received pass the limit (chunked or lying clients).
+
+    The rest of the body (up to :data:`DRAIN_BYTES` more) is read and dropped before the 413 is sent:
+    a client that writes its whole body before reading the answer (most HTTP clients) would otherwise
+    have its connection reset under it and never see the 413. A client that sent ``Expect:
+    100-continue`` has not sent its body yet and gets the 413 at once; a body larger still is cut off.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -161,8 +169,12 @@ class UploadLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
+            waits = "100-continue" in headers.get("expect", "").lower()
+            if not waits and int(declared) <= self.max_bytes + DRAIN_BYTES:
+                await self._drain(receive, 0)
             await JSONResponse({"detail": f"{self.message} (Content-Length {declared})"}, 413)(scope, receive, send)
             return
         received = 0
@@ -173,10 +185,22 @@ class UploadLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if message.get("more_body", False):
+                        await self._drain(receive, received)
                     raise HTTPException(413, detail=self.message)
             return message
 
         await self.app(scope, counted, send)
+
+    async def _drain(self, receive: Receive, received: int) -> None:
+        """Read and drop the body until its end, a disconnect, or DRAIN_BYTES past the limit."""
+        while received <= self.max_bytes + DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 @dataclass
