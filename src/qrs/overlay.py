@@ -34,10 +34,14 @@ def render_overlay(rgb: np.ndarray, m: np.ndarray, roi: np.ndarray | None = None
 
 
 def png_bytes(rgb: np.ndarray, *, scale: int = 1) -> bytes:
-    """Encode an HxWx3 uint8 array as PNG bytes, optionally enlarged ``scale`` times (nearest)."""
+    """Encode an HxWx3 uint8 array as PNG bytes, optionally enlarged ``scale`` times (nearest).
+
+    zlib level 1: a 187x512 overlay takes 8 ms and 118 KB, against 44 ms and 103 KB at Pillow's default
+    level 6; the service draws one per flagged part it keeps, in the inference thread.
+    """
     img = Image.fromarray(rgb)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
