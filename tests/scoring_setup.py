@@ -57,12 +57,15 @@ def png(rgb: np.ndarray) -> bytes:
 
 
 def make_checkpoint(path: Path, *, calibrated: bool = True, risk_cuts: dict[str, float] | None = RISK_CUTS,
-                    arch: str = "resnet18", side: int = SIDE) -> Path:
+                    arch: str = "resnet18", side: int = SIDE, fail: bool = False) -> Path:
     """A random checkpoint (resnet18 unless ``arch`` says otherwise, 32 px by default); calibrated like ``qrs
     calibrate`` writes it (anchor good: the scale is the 0.99 quantile of the map peaks of a few synthetic good
-    parts, over tau)."""
+    parts, over tau). ``fail``: a resnet whose head's bias makes it fail every part (the maps do not change)."""
     torch.manual_seed(0)
     model = build_model(arch).eval()
+    if fail:
+        with torch.no_grad():
+            model.fc.bias[1] += 10.0
     meta = base_meta(arch, side)
     if calibrated:
         model.qrs_meta = meta

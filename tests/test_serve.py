@@ -34,6 +34,7 @@ from qrs import __version__
 from qrs.errors import QrsError
 from qrs.model import load_checkpoint
 from qrs.predict import Scorer, score_files
+from qrs.records import RecordSettings
 from qrs.serve import Batcher, create_app, run, serve_in_background
 from scoring_setup import (
     PART_SIZE, RISK_CUTS, SIDE, Exported, bomb_png, make_checkpoint, part_image, png, serve_process,
@@ -70,7 +71,7 @@ def in_process(checkpoint: Path, images: list[Path], tmp_path_factory: pytest.Te
 def wait_ready(client: TestClient) -> None:
     """The model loads in a thread after startup; every request waits for it, readyz does not."""
     assert client.get("/v1/model", headers=AUTH).status_code == 200
-    assert client.get("/readyz").json() == {"ready": True, "detail": ""}
+    assert client.get("/readyz").json() == {"ready": True, "detail": "", "records": None}
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +250,7 @@ def small_limit(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """``qrs serve --max-upload-mb 2`` in its own process (in a thread of the test process the client and the
     server take turns on the GIL, and the reset connection that clients saw did not happen)."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with serve_process(["--model", str(checkpoint), "--max-upload-mb", "2"], log) as (_, url):
+    with serve_process(["--model", str(checkpoint), "--max-upload-mb", "2", "--db", "none"], log) as (_, url):
         yield url
 
 
@@ -437,9 +438,11 @@ def test_batcher_gathers_concurrent_jobs_up_to_max_batch() -> None:
 
 
 @pytest.fixture(scope="module")
-def live(checkpoint: Path) -> Iterator[tuple[str, object]]:
-    """A real uvicorn server on a free loopback port, with an API key."""
-    app = create_app(checkpoint, api_key=KEY, max_batch=8)
+def live(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+    """A real uvicorn server on a free loopback port, with an API key, recording into an SQLite file."""
+    records = RecordSettings(f"sqlite:///{tmp_path_factory.mktemp('records') / 'line.sqlite'}", station="live",
+                             keep_images="all")
+    app = create_app(checkpoint, api_key=KEY, max_batch=8, records=records)
     with serve_in_background(app) as url:
         yield url, app
 
@@ -471,8 +474,12 @@ def test_load_32_clients_400_requests(live: tuple[str, object], images: list[Pat
         [result] = body["results"]
         assert result["file"] == images[i % len(images)].name
         assert_matches(result, in_process[result["file"]])
+        assert body["record"] == {"kept": True, "detail": ""}
     sizes = app.state.service.batcher.sizes
     assert sum(size * count for size, count in sizes.items()) >= n_requests
+    ids = {body["results"][0]["inspection_id"] for _, _, body in answers}
+    store = app.state.service.recorder.store
+    assert len(ids) == n_requests and all(store.get(i)["station"] == "live" for i in sorted(ids)[:: n_requests // 8])
 
 
 @pytest.fixture(scope="module")
@@ -486,7 +493,12 @@ def api_schema(live: tuple[str, object]) -> schemathesis.BaseSchema:
     ("GET", "/readyz", GenerationMode.POSITIVE),
     ("GET", "/v1/model", GenerationMode.POSITIVE),
     ("POST", "/v1/score", GenerationMode.POSITIVE),
-    ("POST", "/v1/score", GenerationMode.NEGATIVE),  # the only operation with parameters to get wrong
+    ("POST", "/v1/score", GenerationMode.NEGATIVE),
+    *((method, path, mode) for method, path in (
+        ("GET", "/v1/inspections"), ("GET", "/v1/inspections.csv"), ("GET", "/v1/inspections/{inspection_id}"),
+        ("GET", "/v1/inspections/{inspection_id}/image"), ("GET", "/v1/inspections/{inspection_id}/overlay"),
+        ("POST", "/v1/inspections/{inspection_id}/review"), ("GET", "/v1/drift"))
+      for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)),
 ])
 def test_fuzz_openapi_no_server_errors(api_schema: schemathesis.BaseSchema, method: str, path: str,
                                        mode: GenerationMode) -> None:
