@@ -91,10 +91,12 @@ def test_reviewed_parts_export_prepare_and_train(tmp_path: Path) -> None:
     ids = store.add(model, [inspection(i, 0, 0.0, "s1", i, image=data) for i, data in enumerate(images)],
                     keep_images="all")
     ids += store.add(model, [inspection(99, 1, 0.3, "s1", 40, image=b"not kept")], keep_images="none")
+    [again] = store.add(model, [inspection(100, 1, 0.3, "s1", 41, image=images[3])], keep_images="none")
     for inspection_id, seed in zip(ids[:28], range(28)):
         store.review(inspection_id, "defective" if seed % 2 else "good", "", "qa")
-    store.review(ids[0], "good", "checked again", "lead")  # the latest review of a part wins
+    store.review(ids[0], "good", "checked again", "lead")
     store.review(ids[-1], "defective", "", "qa")  # its image was not kept
+    store.review(again, "good", "the same image, scored again: not a defect after all", "lead")
 
     out = tmp_path / "line-dataset"
     result = runner.invoke(app, ["reviews", "export", "--db", url, "--out", str(out)])
@@ -103,13 +105,15 @@ def test_reviewed_parts_export_prepare_and_train(tmp_path: Path) -> None:
                                     "kept, or not PNG, JPEG, BMP or TIFF)")
     good = sorted(p.name for p in (out / "good").iterdir())
     defect = sorted(p.name for p in (out / "defect").iterdir())
-    assert len(good) == len(defect) == 14
+    assert (len(good), len(defect)) == (15, 13)
     assert f"inspection-{ids[1]}.png" in defect and f"inspection-{ids[0]}.png" in good
+    # An image's latest review wins, whichever record it was scored in (the image itself was kept once).
+    assert f"inspection-{again}.png" in good and f"inspection-{ids[3]}.png" not in defect
     assert (out / "defect" / f"inspection-{ids[1]}.png").read_bytes() == images[1]
     with open(out / "split.csv", newline="") as fh:
         splits = {row["source"]: row["split"] for row in csv.DictReader(fh)}
     assert splits[f"defect/inspection-{ids[1]}.png"] == split_of(hashlib.sha256(images[1]).hexdigest(), 0.2, 0.2)
-    assert len(splits) == 28
+    assert len(splits) == 28 and sum(split == "val" for split in splits.values()) > 0
     with open(out / "records.csv", newline="") as fh:
         traced = {row["source"]: row for row in csv.DictReader(fh)}
     assert traced[f"defect/inspection-{ids[1]}.png"]["outcome"] == "missed defect"
@@ -123,7 +127,7 @@ def test_reviewed_parts_export_prepare_and_train(tmp_path: Path) -> None:
                                  str(out / "split.csv"), "--out", str(prepared), "--img-size", "32"])
     assert result.exit_code == 0, result.output
     index = pd.read_csv(prepared / "index.csv")
-    assert len(index) == 28 and index["label"].sum() == 14
+    assert len(index) == 28 and index["label"].sum() == 13
     assert dict(zip(index["source"], index["split"])) == splits
     result = runner.invoke(app, ["train", "--data_root", str(prepared), "--num_epochs", "1", "--batch_size", "8",
                                  "--arch", "resnet18", "--device", "cpu", "--out", str(tmp_path / "run")])
@@ -131,7 +135,13 @@ def test_reviewed_parts_export_prepare_and_train(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "run" / "best_loss.pt").qrs_meta["epoch"] == 1
 
 
-def test_export_refuses_bad_fractions(tmp_path: Path) -> None:
+def test_export_refuses_bad_fractions_and_nothing_to_export(tmp_path: Path) -> None:
     store = RecordStore(f"sqlite:///{tmp_path / 'r.sqlite'}").open()
     with pytest.raises(QrsError, match="must be >= 0 with a sum below 1, got 0.6 and 0.4"):
         export_reviews(store, tmp_path / "out", val_fraction=0.6, test_fraction=0.4)
+    [passed] = store.add(store.model_id(FP), [inspection(0, 0, 0.0, "s1", 0)], keep_images="flagged")
+    store.review(passed, "defective", "", "qa")
+    with pytest.raises(QrsError, match=r"none of the 1 reviewed parts has its image kept, so there is nothing to "
+                                       r"export \(qrs serve --keep-images flagged keeps"):
+        export_reviews(store, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

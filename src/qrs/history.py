@@ -100,19 +100,23 @@ def split_of(image_sha256: str, val_fraction: float, test_fraction: float) -> st
 
 def export_reviews(store: RecordStore, out: str | os.PathLike[str], *, val_fraction: float = 0.2,
                    test_fraction: float = 0.2, overwrite: bool = False) -> ExportResult:
-    """Write the reviewed parts whose images were kept as a folder dataset (see the module's docstring);
-    one file per image (its latest review wins), named ``inspection-<id>`` after its record."""
+    """Write the reviewed parts whose images were kept as a folder dataset (see the module's docstring):
+    one file per image, labelled by its latest review and named ``inspection-<id>`` after that review's
+    record; an image scored more than once is one part."""
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise QrsError(f"--val-fraction and --test-fraction must be >= 0 with a sum below 1, got {val_fraction} "
                        f"and {test_fraction}")
+    reviewed = {row["image_sha256"]: row for row in store.reviewed()}  # an image's latest review wins
     latest: dict[str, dict] = {}
-    missing = 0
-    for row in store.reviewed():
-        path = store.images_dir / row["image_key"] if row["image_key"] else None
-        if path is None or not path.is_file() or path.suffix == ".bin":
-            missing += 1
-            continue
-        latest[row["image_sha256"]] = {**row, "path": path}
+    for sha, row in reviewed.items():
+        path = store.kept_image(sha)
+        if path is not None and path.suffix != ".bin":
+            latest[sha] = {**row, "path": path}
+    missing = len(reviewed) - len(latest)
+    if not latest:
+        raise QrsError(f"none of the {len(reviewed)} reviewed parts has its image kept, so there is nothing to export "
+                       "(qrs serve --keep-images flagged keeps the images of failed parts only; --keep-images all "
+                       "keeps every part's, missed defects included)")
     counts = pd.DataFrame(0, index=["train", "val", "test"], columns=["good", "defective"])
     records = io.StringIO()
     splits = io.StringIO()

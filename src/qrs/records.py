@@ -569,15 +569,20 @@ class RecordStore:
         return {"model_sha256": model.sha256, "station": station, **report}
 
     def reviewed(self) -> list[dict[str, Any]]:
-        """Every reviewed record with its latest review's truth, oldest record first."""
+        """Every reviewed record with its latest review (``review_id``, truth, outcome), the most recently
+        reviewed last."""
         latest = (select(reviews.c.inspection_id, func.max(reviews.c.id).label("review_id"))
                   .group_by(reviews.c.inspection_id).subquery())
-        statement = (select(inspections.c.id, inspections.c.part_id, inspections.c.file, inspections.c.image_key,
-                            inspections.c.image_sha256, inspections.c.station, reviews.c.truth, reviews.c.outcome)
+        statement = (select(inspections.c.id, inspections.c.part_id, inspections.c.file, inspections.c.image_sha256,
+                            inspections.c.station, latest.c.review_id, reviews.c.truth, reviews.c.outcome)
                      .join(latest, latest.c.inspection_id == inspections.c.id)
-                     .join(reviews, reviews.c.id == latest.c.review_id).order_by(inspections.c.id))
+                     .join(reviews, reviews.c.id == latest.c.review_id).order_by(latest.c.review_id))
         with self._errors("reading reviews"), self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(statement)]
+
+    def kept_image(self, image_sha256: str) -> Path | None:
+        """The kept file of an image, by its SHA-256, whichever record kept it (None when none did)."""
+        return next(iter(sorted((self.images_dir / image_sha256[:2]).glob(f"{image_sha256}.*"))), None)
 
 
 def record_dict(row: Any, review: dict[str, Any] | None) -> dict[str, Any]:
@@ -725,11 +730,12 @@ class Recorder:
             log.warning("old kept images not removed: %s", exc)
 
     def status(self) -> dict[str, Any]:
-        """``{"kept": bool, "detail": str}``: whether records are being kept, and why not."""
-        with self._lock:
-            if self.model_id is not None and not self._error:
-                return {"kept": True, "detail": f"kept in {self.store.shown_url}"}
-            return {"kept": False, "detail": self._error or "the records database is not open yet"}
+        """``{"kept": bool, "detail": str}``: whether records are being kept, and why not. It takes no lock, so
+        the event loop may ask while a write waits on the database."""
+        model_id, error = self.model_id, self._error
+        if model_id is not None and not error:
+            return {"kept": True, "detail": f"kept in {self.store.shown_url}"}
+        return {"kept": False, "detail": error or "the records database is not open yet"}
 
     def close(self) -> None:
         self.store.close()
