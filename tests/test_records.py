@@ -240,6 +240,7 @@ def test_the_recorder_reports_a_full_database_and_recovers(tmp_path: Path, monke
 
     sa.event.listen(engine, "connect", full)
     engine.dispose()
+    monkeypatch.setattr(records, "RETRY_S", 3600.0)
     big = [draft(i, 0) for i in range(300)]
     for item in big:
         item.file = item.file * 200
@@ -247,7 +248,7 @@ def test_the_recorder_reports_a_full_database_and_recovers(tmp_path: Path, monke
         recorder.record(big)
     status = recorder.status()
     assert status["kept"] is False and "database or disk is full" in status["detail"]
-    with pytest.raises(RecordsUnavailable, match=r"retrying every 10 s"):
+    with pytest.raises(RecordsUnavailable, match=r"database or disk is full \(retrying every 3600 s\)"):
         recorder.record([draft(1, 0)])
     assert recorder.lost == 301
 

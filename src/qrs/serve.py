@@ -782,23 +782,22 @@ def create_app(model: Scorer | str | os.PathLike[str], *, api_key: str | None = 
             raise HTTPException(422, detail="give at most one station field")
         station = stations[0] if stations else (records.station if records is not None else "")
         scorer = await service.ready_scorer()
-        recording = service.recorder is not None and records is not None
 
         def inspection(i: int, row: dict[str, Any], overlay_png: bytes | None = None) -> Inspection:
             name, data = uploads[i]
             return Inspection(file=name, row=row, image=data, overlay_png=overlay_png, station=station,
                               part_id=part_ids[i], time=received, latency_ms=1000 * (time.perf_counter() - started))
 
-        wanted: bool | Literal["flagged"] = overlay or (records.overlays() if recording and records else False)
+        wanted: bool | Literal["flagged"] = overlay or (records.overlays() if records is not None else False)
         try:
             prepared = await asyncio.to_thread(_prepare_all, scorer, uploads, roi, wanted)
         except UnreadableUpload as exc:
-            if recording:
+            if records is not None:
                 await service.record([inspection(exc.index, {"file": uploads[exc.index][0], "error": exc.detail})])
             raise HTTPException(422, detail=exc.detail) from None
         scored = await service.batcher.submit(prepared)
         results = [_result(s, overlay) for s in scored]
-        if not recording:
+        if records is None:
             return {"results": results}
         ids, status = await service.record([inspection(i, s.row, s.overlay_png) for i, s in enumerate(scored)])
         for result, inspection_id in zip(results, ids):
