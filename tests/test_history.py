@@ -145,3 +145,9 @@ def test_export_refuses_bad_fractions_and_nothing_to_export(tmp_path: Path) -> N
                                        r"export \(qrs serve --keep-images flagged keeps"):
         export_reviews(store, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    [failed] = store.add(store.model_id(FP), [inspection(1, 1, 0.2, "s1", 1, image=png(part_image(1)))],
+                         keep_images="flagged")
+    store.review(failed, "defective", "", "qa")
+    headline = export_reviews(store, tmp_path / "out").headline()
+    assert headline.startswith(f"exported 1 reviewed parts to {tmp_path / 'out'} (1 reviewed parts left out")
+    assert headline.splitlines()[-1].startswith("note: no good parts at all, and qrs prepare needs both classes")

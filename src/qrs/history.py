@@ -82,9 +82,16 @@ class ExportResult:
         total = int(self.counts.to_numpy().sum())
         lines = [f"exported {total} reviewed parts to {self.out} ({self.missing} reviewed parts left out: image "
                  "not kept, or not PNG, JPEG, BMP or TIFF)", self.counts.to_string()]
+        absent = [cls for cls in self.counts.columns if self.counts[cls].sum() == 0]
+        if absent:
+            lines.append(f"note: no {absent[0]} parts at all, and qrs prepare needs both classes: with --keep-images "
+                         "flagged only failed parts keep their images (confirmed defects, false alarms); serve with "
+                         "--keep-images all for a while to collect passed parts too, or add these files to your "
+                         "training data's folders")
+            return "\n".join(lines)
         empty = [f"{split} has no {cls} parts" for split in self.counts.index for cls in self.counts.columns
                  if self.counts.loc[split, cls] == 0]
-        if total and empty:
+        if empty:
             lines.append("note: " + "; ".join(empty) + " (review more parts, or prepare without --split-file "
                                                      "for a stratified split)")
         lines.append(f"next: qrs prepare --format folder --src {self.out} --split-file {self.out / 'split.csv'} "
