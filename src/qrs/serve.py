@@ -871,7 +871,7 @@ def create_app(model: Scorer | str | os.PathLike[str], *, api_key: str | None = 
                                            422: _error("A malformed review (truth must be defective or good).")})
     async def review(request: Request, inspection_id: int = ID_PATH,
                      body: ReviewRequest = Body(...)) -> dict[str, Any]:
-        """An inspector's review: what the part really is. It is a row of its own; the record never changes."""
+        """An inspector's review: what the part really is. It is a row of its own; it never changes the record."""
         if "\x00" in body.note or (body.reviewer and "\x00" in body.reviewer):
             raise HTTPException(422, detail="note and reviewer must not contain NUL characters")
         host = request.client.host if request.client else "unknown"
