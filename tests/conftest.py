@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,49 @@ def read_events(directory: Path) -> Any:
     events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     return events
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The URL of the PostgreSQL server in QRS_TEST_POSTGRES_URL, once it answers."""
+    import sqlalchemy
+
+    from services import POSTGRES_ENV, unavailable
+
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        unavailable(f"no PostgreSQL server: {POSTGRES_ENV} is not set", ".ci/run starts one with .ci/postgres")
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("select 1"))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        unavailable(f"the PostgreSQL server at {POSTGRES_ENV} does not answer: {exc}", ".ci/run starts one")
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the test PostgreSQL server (dropped afterwards)."""
+    import sqlalchemy
+
+    name = f"qrs_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    try:
+        yield sqlalchemy.engine.make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh records database: an SQLite file, and a database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'records.sqlite'}"
+    return request.getfixturevalue("postgres_url")

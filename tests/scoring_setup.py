@@ -6,9 +6,16 @@ numbers and handles bad input, not that the model is any good.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,12 +57,15 @@ def png(rgb: np.ndarray) -> bytes:
 
 
 def make_checkpoint(path: Path, *, calibrated: bool = True, risk_cuts: dict[str, float] | None = RISK_CUTS,
-                    arch: str = "resnet18", side: int = SIDE) -> Path:
+                    arch: str = "resnet18", side: int = SIDE, fail: bool = False) -> Path:
     """A random checkpoint (resnet18 unless ``arch`` says otherwise, 32 px by default); calibrated like ``qrs
     calibrate`` writes it (anchor good: the scale is the 0.99 quantile of the map peaks of a few synthetic good
-    parts, over tau)."""
+    parts, over tau). ``fail``: a resnet whose head's bias makes it fail every part (the maps do not change)."""
     torch.manual_seed(0)
     model = build_model(arch).eval()
+    if fail:
+        with torch.no_grad():
+            model.fc.bias[1] += 10.0
     meta = base_meta(arch, side)
     if calibrated:
         model.qrs_meta = meta
@@ -78,3 +88,36 @@ def bomb_png(width: int = 10_000, height: int = 6_000) -> bytes:
     ihdr = struct.pack(">II", width, height) + data[24:29]
     chunk = b"IHDR" + ihdr
     return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (nothing listens on it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python -m qrs serve ARGS`` in its own process on a free port, as a user starts it; yields the
+    process and its URL once /healthz answers, and stops it at the end (if it still runs)."""
+    port = free_port()
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "qrs", "serve", "--port", str(port), *args], stdout=out,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"qrs serve did not start: {log.read_text()}") from None
+                time.sleep(0.2)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)

@@ -1,31 +1,31 @@
 """The web page in a real browser: headless Chromium (Debian's, driven by Playwright, never downloaded)
-uploads a synthetic defective part and sees the result, the overlay and the history appear.
+uploads a synthetic defective part and sees the result, the overlay and the history appear; the history
+view shows the records, the drift charts and their alarm, and takes a review.
 
 Under CI=true a missing Chromium or Playwright fails the test; elsewhere it skips with the reason.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
+import numpy as np
 import pytest
 
-from qrs.predict import score_files
+from qrs.predict import Scorer, score_files
+from qrs.records import Inspection, RecordSettings, RecordStore, fingerprint, utcnow
 from qrs.serve import create_app, serve_in_background
 from scoring_setup import make_checkpoint, part_image, png
+from services import unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the browser test must run; .ci/run installs chromium with apt)")
-    pytest.skip(reason)
+APT = ".ci/run installs chromium with apt"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def browser() -> Iterator[object]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("Playwright's Python package is not installed (pip install -e '.[dev]')")
+        unavailable("Playwright's Python package is not installed (pip install -e '.[dev]')", APT)
     if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)", APT)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -87,3 +87,67 @@ def test_page_scores_an_uploaded_part(browser: object, tmp_path: Path) -> None:
     assert not errors
     origin = urlsplit(url).netloc
     assert all(urlsplit(u).scheme == "data" or urlsplit(u).netloc == origin for u in requests), requests
+
+
+@pytest.mark.timeout(300)
+def test_history_view_reviews_a_part_and_raises_the_drift_alarm(browser: object, tmp_path: Path) -> None:
+    """A line whose share flagged jumped after its baseline: the page shows the alarm, both charts, the latest
+    parts with their overlays, and an inspector's review lands in the database."""
+    from playwright.sync_api import expect
+
+    checkpoint = make_checkpoint(tmp_path / "fails.pt", fail=True)
+    url_db = f"sqlite:///{tmp_path / 'line.sqlite'}"
+    store = RecordStore(url_db).open()
+    model_id = store.model_id(fingerprint(Scorer.load(checkpoint, device="cpu")))
+    start = utcnow() - timedelta(hours=10)
+    rng = np.random.default_rng(0)
+    flagged = rng.random(1200) < np.where(np.arange(1200) < 900, 0.03, 0.3)
+    store.add(model_id, [Inspection(file=f"old_{i}.png", row={"prediction": int(f), "p_defective": 0.5, "qrs": 0.0,
+                                                               "risk_level": "low"}, image=None, station="press 4",
+                                    part_id=f"old-{i}", time=start + timedelta(seconds=30 * i))
+                         for i, f in enumerate(flagged)])
+    part = tmp_path / "part.png"
+    part.write_bytes(png(part_image(seed=5, defective=True, size=(115, 315))))
+
+    with serve_in_background(create_app(checkpoint, records=RecordSettings(url_db, station="press 4"))) as url:
+        scored = httpx.post(url + "/v1/score", files=[("files", (part.name, part.read_bytes(), "image/png"))],
+                            data={"part_id": "A-17"}, timeout=120).json()["results"][0]
+        page = browser.new_page()
+        requests: list[str] = []
+        errors: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url + "/")
+        expect(page.locator("#tab-records")).to_have_class("alarm", timeout=60_000)
+        page.click("#tab-records")
+        expect(page.locator("#drift-alarm")).to_be_visible()
+        assert "share flagged" in page.text_content("#drift-alarms")
+        report = httpx.get(url + "/v1/drift").json()
+        assert page.evaluate("() => Chart.getChart('chart-flagged').data.datasets[0].data.length") == len(
+            report["flagged"]) == 11
+        assert page.evaluate("() => Chart.getChart('chart-qrs').data.datasets.length") == 3
+
+        rows = page.locator("#records tr")
+        expect(rows).to_have_count(50)
+        first = rows.first
+        assert first.locator("td").nth(3).text_content() == "A-17" and "fail" in first.text_content()
+        expect(first.locator("img")).to_have_js_property("naturalWidth", 115)
+        first.click()
+        expect(page.locator("#rv-overlay")).to_be_visible()
+        assert page.text_content("#rv-verdict") == "FAIL" and page.text_content("#rv-reviews") == "Not reviewed yet."
+        page.fill("#rv-reviewer", "Ann")
+        page.fill("#rv-note", "scratch at the rim")
+        page.click("#rv-defective")
+        expect(page.locator("#rv-outcome")).to_have_text("Saved: confirmed defect.")
+        expect(first.locator(".review")).to_have_text("confirmed defect (Ann)")
+        page.select_option("#f-reviewed", "true")
+        page.click("#f-apply")
+        expect(rows).to_have_count(1)
+        page.screenshot(path=str(tmp_path / "history.png"), full_page=True)
+        page.close()
+
+    [review] = store.get(scored["inspection_id"])["reviews"]
+    assert (review["truth"], review["reviewer"], review["note"]) == ("defective", "Ann", "scratch at the rim")
+    assert not errors
+    origin = urlsplit(url).netloc
+    assert all(urlsplit(u).scheme in ("data", "blob") or urlsplit(u).netloc == origin for u in requests), requests

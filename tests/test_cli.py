@@ -15,6 +15,10 @@ from qrs.cli import _expand_multi_value_options, app
 
 runner = CliRunner()
 COMMANDS = sorted(typer.main.get_command(app).commands)
+LEAVES = sorted([name] if sub is None else [name, sub]
+                for name, command in typer.main.get_command(app).commands.items()
+                for sub in (getattr(command, "commands", None) or [None]))
+"""Every command to run, as its words: ``score``, ``reviews export``..."""
 
 
 def _option_blocks(output: str) -> dict[str, str]:
@@ -32,15 +36,19 @@ def _option_blocks(output: str) -> dict[str, str]:
 
 def test_the_expected_commands_exist() -> None:
     assert COMMANDS == sorted(["synth", "prepare", "train", "evaluate", "calibrate", "extract", "analyze", "demo",
-                               "score", "serve", "export", "repeat"])
+                               "score", "serve", "export", "repeat", "history", "reviews"])
+    assert ["reviews", "export"] in LEAVES
 
 
-@pytest.mark.parametrize("name", COMMANDS)
-def test_every_option_has_help_and_shows_its_default(name: str) -> None:
-    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "250"})
+@pytest.mark.parametrize("words", LEAVES, ids=" ".join)
+def test_every_option_has_help_and_shows_its_default(words: list[str]) -> None:
+    result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     blocks = _option_blocks(result.output)
-    command = typer.main.get_command(app).commands[name]
+    command = typer.main.get_command(app)
+    for word in words:
+        command = command.commands[word]
+    name = " ".join(words)
     for param in command.params:
         if param.param_type_name == "argument":
             assert param.help, f"{name} {param.name} has no help"

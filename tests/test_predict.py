@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from qrs.images import open_rgb, resize_image
 from qrs.model import load_checkpoint
 from qrs.data.regions import parse_roi
 from qrs.predict import CSV_COLUMNS, OVERLAY_MAX_SIDE, Scorer, score_files, training_resize
+from qrs.records import RecordSettings
 from qrs.score import risk_level
 from scoring_setup import EXPORT_SIDE, PART_SIZE, RISK_CUTS, SIDE, Exported, make_checkpoint, part_image, png
 
@@ -253,14 +255,22 @@ def test_cli_serve_passes_options_and_reads_the_key_from_env(checkpoint: Path, m
     result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--max-batch", "4"],
                                 env={"QRS_API_KEY": "s3cret"})
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["serve", "--model", "model.onnx", "--backend", "onnx"])
+    result = CliRunner().invoke(app, ["serve", "--model", "model.onnx", "--backend", "onnx", "--db", "none"])
     assert result.exit_code == 0, result.output
-    assert calls == [{"model": checkpoint, "host": "127.0.0.1", "port": 8000, "api_key": "s3cret",
-                      "max_upload_mb": 20, "max_batch": 4, "max_wait_ms": 5, "device": "auto", "resize": None,
-                      "backend": "torch"},
-                     {"model": Path("model.onnx"), "host": "127.0.0.1", "port": 8000, "api_key": None,
-                      "max_upload_mb": 20, "max_batch": 16, "max_wait_ms": 5, "device": "auto", "resize": None,
-                      "backend": "onnx"}]
+    result = CliRunner().invoke(app, ["serve", "--model", "m.pt", "--db", "postgresql+psycopg://qc@db/line",
+                                      "--station", "press 4", "--keep-images", "all", "--keep-days", "7",
+                                      "--images-dir", "kept"])
+    assert result.exit_code == 0, result.output
+    common = {"host": "127.0.0.1", "port": 8000, "max_upload_mb": 20, "max_wait_ms": 5, "device": "auto",
+              "resize": None}
+    assert calls == [
+        {"model": checkpoint, **common, "api_key": "s3cret", "max_batch": 4, "backend": "torch",
+         "records": RecordSettings("sqlite:///qrs-records.sqlite", station=socket.gethostname())},
+        {"model": Path("model.onnx"), **common, "api_key": None, "max_batch": 16, "backend": "onnx", "records": None},
+        {"model": Path("m.pt"), **common, "api_key": None, "max_batch": 16, "backend": "torch",
+         "records": RecordSettings("postgresql+psycopg://qc@db/line", images_dir=Path("kept"), keep_images="all",
+                                   keep_days=7, station="press 4")},
+    ]
 
 
 def test_the_onnx_backend_gives_the_rows_of_the_torch_backend(exported: Exported, parts: Path, tmp_path: Path) -> None:

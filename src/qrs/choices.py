@@ -19,6 +19,9 @@ Anchor = Literal["good", "defective"]
 OutputFormat = Literal["jsonl", "csv"]
 BackendName = Literal["torch", "onnx"]
 ExportFormat = Literal["onnx"]
+KeepImages = Literal["none", "flagged", "all"]
+Truth = Literal["defective", "good"]
+RiskLevel = Literal["low", "medium", "high"]
 
 FORMATS: tuple[str, ...] = get_args(Format)
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -31,3 +34,6 @@ AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 ANCHORS: tuple[str, ...] = get_args(Anchor)
 BACKENDS: tuple[str, ...] = get_args(BackendName)
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+KEEP_IMAGES: tuple[str, ...] = get_args(KeepImages)
+TRUTHS: tuple[str, ...] = get_args(Truth)
+RISK_LEVELS: tuple[str, ...] = get_args(RiskLevel)

@@ -7,19 +7,21 @@ spellings (``--data_root``) beside the dashed ones (``--data-root``).
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from qrs.choices import (
-    Aggregation, Anchor, Arch, Augment, BackendName, ClassWeights, ExportFormat, Format, MaskLoss, Method, Norm,
-    Optimizer, OutputFormat, Pretrained, ResizeMode, Schedule, Split,
+    Aggregation, Anchor, Arch, Augment, BackendName, ClassWeights, ExportFormat, Format, KeepImages, MaskLoss, Method,
+    Norm, Optimizer, OutputFormat, Pretrained, ResizeMode, RiskLevel, Schedule, Split,
 )
 from qrs.errors import QrsError
 
 if TYPE_CHECKING:
     from qrs.extract import ScoreOptions
+    from qrs.records import Filters, RecordSettings
 
 app = typer.Typer(
     name="qrs",
@@ -246,19 +248,33 @@ def score(
                                                          show_default=False)] = None,
     backend: BackendOpt = "torch",
     device: DeviceOpt = "auto",
+    db: Annotated[Optional[str], typer.Option(help="Also keep an inspection record of every image in this database "
+                                                   "(SQLAlchemy URL, e.g. sqlite:///qrs-records.sqlite or "
+                                                   "postgresql+psycopg://user@host/db). (default: no records)",
+                                              show_default=False)] = None,
+    station: StationOpt = None,
+    keep_images: KeepImagesOpt = "flagged",
+    keep_days: KeepDaysOpt = 30,
+    images_dir: ImagesDirOpt = None,
 ) -> None:
     """Score raw images of new parts: pass/fail, p_defective, QRS, risk level, optional overlays.
 
     Unreadable files get a row with their error and exit code 1 at the end; the others are still scored.
+    With --db, records that could not be kept also end with exit code 1 (the scores are written).
     """
     from qrs.predict import score_files
+    from qrs.records import FileRecording
 
+    settings = _record_settings(db, station, keep_images, keep_days, images_dir)
+    recording = FileRecording(settings) if settings is not None else None
     result = score_files(images, model, out=out, fmt=format, roi=roi, overlay=overlay, batch_size=batch_size,
-                         device=device, resize=resize, backend=backend)
+                         device=device, resize=resize, backend=backend, recording=recording)
     if result.note:
         typer.echo(f"note: {result.note}", err=True)
     typer.echo(result.headline())
-    if result.n_errors:
+    if recording is not None:
+        typer.echo(recording.summary(), err=bool(recording.lost))
+    if result.n_errors or (recording is not None and recording.lost):
         raise typer.Exit(1)
 
 
@@ -279,12 +295,87 @@ def serve(
                                                          show_default=False)] = None,
     backend: BackendOpt = "torch",
     device: DeviceOpt = "auto",
+    db: Annotated[str, typer.Option(help="Where to keep an inspection record of every scored image: an SQLAlchemy "
+                                         "URL (an SQLite file, or e.g. postgresql+psycopg://user@host/db), or none "
+                                         "for no records.")] = "sqlite:///qrs-records.sqlite",
+    station: StationOpt = None,
+    keep_images: KeepImagesOpt = "flagged",
+    keep_days: KeepDaysOpt = 30,
+    images_dir: ImagesDirOpt = None,
 ) -> None:
-    """Serve the model over HTTP: POST /v1/score, GET /v1/model, /healthz, /readyz, /docs and a web page at /."""
+    """Serve the model over HTTP: POST /v1/score, GET /v1/model, the inspection records (/v1/inspections,
+    /v1/drift), /healthz, /readyz, /docs and a web page at /."""
     from qrs.serve import run
 
     run(model, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, device=device, resize=resize, backend=backend)
+        max_wait_ms=max_wait_ms, device=device, resize=resize, backend=backend,
+        records=_record_settings(db, station, keep_images, keep_days, images_dir))
+
+
+@app.command()
+def history(
+    db: DbOpt,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    station: Annotated[Optional[str], typer.Option(help="Only this station. (default: all)", show_default=False)] = None,
+    prediction: Annotated[Optional[int], typer.Option(min=0, max=1, help="Only flagged (1) or passed (0) parts. "
+                                                                         "(default: all)", show_default=False)] = None,
+    risk_level: Annotated[Optional[RiskLevel], typer.Option(help="Only this risk level. (default: all)",
+                                                            show_default=False)] = None,
+    reviewed: Annotated[Optional[bool], typer.Option("--reviewed/--not-reviewed", help="Only reviewed or only "
+                                                     "unreviewed parts. (default: all)", show_default=False)] = None,
+    csv: Annotated[Optional[Path], typer.Option(help="Also write the table as CSV to this file. (default: none)",
+                                                show_default=False)] = None,
+) -> None:
+    """What the inspection records say, per station and per UTC day: parts, unscorable, flagged parts and their
+    share, QRS quantiles, and the share of passed parts with QRS > 0."""
+    from qrs.history import history as run_history
+    from qrs.records import RecordStore
+
+    store = RecordStore(db).open()
+    typer.echo(run_history(store, _filters(since, until, station, prediction, risk_level, reviewed), csv))
+    if csv:
+        typer.echo(f"wrote {csv}")
+
+
+reviews_app = typer.Typer(help="The inspectors' reviews of inspection records.", no_args_is_help=True)
+app.add_typer(reviews_app, name="reviews")
+
+
+@reviews_app.command("export")
+def reviews_export(
+    db: DbOpt,
+    out: Annotated[Path, typer.Option(help="Folder dataset to write: good/, defect/, split.csv, records.csv.")],
+    images_dir: ImagesDirOpt = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of the parts in val (by their image's SHA-256, so "
+                                                     "a part keeps its split in later exports).")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(help="Share of the parts in test.")] = 0.2,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write the reviewed parts whose images were kept as a folder dataset, labelled by the inspectors' truth,
+    for `qrs prepare --format folder --src OUT --split-file OUT/split.csv`."""
+    from qrs.history import export_reviews
+    from qrs.records import RecordStore
+
+    store = RecordStore(db, images_dir=images_dir).open()
+    result = export_reviews(store, out, val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite)
+    typer.echo(result.headline())
+
+
+def _record_settings(db: str | None, station: str | None, keep_images: str, keep_days: float,
+                     images_dir: Path | None) -> "RecordSettings | None":
+    from qrs.records import RecordSettings
+
+    return RecordSettings.from_option(db, station=station, keep_images=keep_images, keep_days=keep_days,
+                                      images_dir=images_dir)
+
+
+def _filters(since: datetime | None, until: datetime | None, station: str | None, prediction: int | None,
+             risk_level: str | None, reviewed: bool | None) -> "Filters":
+    from qrs.records import Filters
+
+    return Filters(since=since, until=until, station=station, prediction=prediction, risk_level=risk_level,
+                   reviewed=reviewed)
 
 
 @app.command()
@@ -325,6 +416,18 @@ NormOpt = Annotated[Norm, typer.Option(help="dataset: divide by the calibration 
 AggregationOpt = Annotated[Aggregation, typer.Option(help="mass: mean of M over tau in the ROI; area: share of the "
                                                           "ROI over tau.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+StationOpt = Annotated[Optional[str], typer.Option(help="Station recorded with each part. (default: this "
+                                                      "machine's host name)", show_default=False)]
+KeepImagesOpt = Annotated[KeepImages, typer.Option(help="Which images to keep with their records (with the overlay): "
+                                                        "none, flagged (failed parts) or all.")]
+KeepDaysOpt = Annotated[float, typer.Option(help="Days to keep those images (those of reviewed parts stay).")]
+ImagesDirOpt = Annotated[Optional[Path], typer.Option(help="Where kept images go. (default: beside an SQLite "
+                                                           "file, <name>-images/; else qrs-images/)",
+                                                      show_default=False)]
+DbOpt = Annotated[str, typer.Option(help="The records database (SQLAlchemy URL, e.g. sqlite:///qrs-records.sqlite).")]
+SinceOpt = Annotated[Optional[datetime], typer.Option(help="From this time on (UTC unless it has an offset). "
+                                                             "(default: all)", show_default=False)]
+UntilOpt = Annotated[Optional[datetime], typer.Option(help="Before this time. (default: all)", show_default=False)]
 BackendOpt = Annotated[BackendName, typer.Option(help="torch: a checkpoint run by PyTorch; onnx: a model from `qrs "
                                                       "export` run by ONNX Runtime (same rows).")]
 

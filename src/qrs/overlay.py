@@ -68,10 +68,14 @@ def render_overlay(rgb: np.ndarray, strength: np.ndarray, threshold: float, roi:
 
 
 def png_bytes(rgb: np.ndarray, *, scale: int = 1) -> bytes:
-    """Encode an HxWx3 uint8 array as PNG bytes, optionally enlarged ``scale`` times (nearest)."""
+    """Encode an HxWx3 uint8 array as PNG bytes, optionally enlarged ``scale`` times (nearest).
+
+    zlib level 1: a 187x512 overlay encodes in 8 ms to 118 KB, against 44 ms and 103 KB at Pillow's default
+    level 6; the service draws one per flagged part it keeps, in the inference thread.
+    """
     img = Image.fromarray(rgb)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

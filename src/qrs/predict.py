@@ -14,10 +14,11 @@ import csv
 import io
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -75,6 +76,8 @@ class Prepared:
     regions: list[Region]
     orig_size: tuple[int, int]
     view: np.ndarray | None
+    overlay_if_flagged: bool = False
+    """Render the overlay (from ``view``) only when the part is flagged (fails)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class Scorer:
         if resize is not None and resize not in RESIZE_MODES:
             raise QrsError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
         self.backend: Backend = TorchBackend(model) if isinstance(model, nn.Module) else model
+        self.source: Path | None = None
+        """The file the model was loaded from (None for a model built in memory)."""
         self.meta = self.backend.meta
         self.size = model_size(self.meta)
         self.resize = resize or self.backend.resize
@@ -137,13 +142,16 @@ class Scorer:
         if backend == "onnx":
             from qrs.runtime import OnnxBackend
 
-            return cls(OnnxBackend.load(path, device=device), resize=resize)
-        if backend != "torch":
+            scorer = cls(OnnxBackend.load(path, device=device), resize=resize)
+        elif backend != "torch":
             raise QrsError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        if Path(path).suffix == ".onnx":
+        elif Path(path).suffix == ".onnx":
             raise QrsError(f"{path} is an ONNX model: score it with --backend onnx (the torch backend reads "
                            "checkpoints)")
-        return cls(load_checkpoint(path, device=resolve_device(device)), resize=resize)
+        else:
+            scorer = cls(load_checkpoint(path, device=resolve_device(device)), resize=resize)
+        scorer.source = Path(path)
+        return scorer
 
     def info(self) -> dict[str, Any]:
         """What a client needs to know about the model and how it scores (``GET /v1/model``)."""
@@ -170,9 +178,10 @@ class Scorer:
         }
 
     def prepare(self, name: str, image: np.ndarray | Image.Image, roi: RoiSpec = "full", *,
-                overlay: bool = False) -> Prepared:
+                overlay: bool | Literal["flagged"] = False) -> Prepared:
         """Resize ``image`` (HxWx3 uint8, or an RGB Pillow image as :func:`qrs.images.open_rgb` gives) like
-        the training data and rasterise its ROI on the same grid."""
+        the training data and rasterise its ROI on the same grid; ``overlay``: prepare an overlay for the
+        image, or (``"flagged"``) only if it fails."""
         img = image if isinstance(image, Image.Image) else Image.fromarray(image)
         width, height = img.size
         regions = roi_regions(roi, name, img)
@@ -182,7 +191,8 @@ class Scorer:
             factor = min(1.0, OVERLAY_MAX_SIDE / max(width, height))
             size = (max(1, round(width * factor)), max(1, round(height * factor)))
             view = np.asarray(img.resize(size, Image.Resampling.BILINEAR))
-        return Prepared(name, resize_image(img, self.size, self.resize), grid, regions, (width, height), view)
+        return Prepared(name, resize_image(img, self.size, self.resize), grid, regions, (width, height), view,
+                        overlay == "flagged")
 
     @torch.inference_mode()
     def score(self, items: Sequence[Prepared]) -> list[Scored]:
@@ -211,7 +221,8 @@ class Scorer:
             row.update({k: float(out[k][i]) for k in ("area", "mean_over", "max_over", "peak")})
             row["n_over"] = int(out["n_over"][i])
             row["norm"] = self.options.norm
-            png = None if item.view is None else self._overlay(item, item.view, out["strength"][i].numpy())
+            wanted = item.view is not None and (row["prediction"] == 1 or not item.overlay_if_flagged)
+            png = self._overlay(item, item.view, out["strength"][i].numpy()) if wanted else None
             results.append(Scored(row, png))
         return results
 
@@ -230,6 +241,20 @@ class Scorer:
             (view_w, view_h), Image.Resampling.BILINEAR, box=box))
         roi = rasterize(item.regions, view_h, view_w)
         return png_bytes(render_overlay(view, strength_view, self.options.threshold, roi))
+
+
+class Recording(Protocol):
+    """Where :func:`score_files` hands what it scored, a batch at a time (``qrs score --db``:
+    :class:`qrs.records.FileRecording`)."""
+
+    overlays: bool | Literal["flagged"]
+    """The overlays it needs (besides those of ``--overlay``): every image's, the flagged ones' or none."""
+
+    def start(self, scorer: Scorer) -> None:
+        """Called once the model is loaded."""
+
+    def batch(self, items: list[tuple[Path, dict[str, Any], bytes | None, float]]) -> None:
+        """(file, row, overlay PNG, seconds from reading the file to its row) of each image since the last call."""
 
 
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> Entries:
@@ -301,14 +326,15 @@ def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
 def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.PathLike[str], *,
                 out: str | os.PathLike[str] = ".", fmt: str = "jsonl", roi: str = "full", overlay: bool = False,
                 batch_size: int = 16, device: str = "auto", resize: str | None = None, backend: str = "torch",
-                progress: bool = True) -> ScoreFilesResult:
+                progress: bool = True, recording: Recording | None = None) -> ScoreFilesResult:
     """Score image files and directories with a checkpoint (``backend="torch"``) or a model from ``qrs export``
     (``"onnx"``); write ``OUT/scores.<fmt>`` (and ``OUT/overlays/*.png``).
 
     An unreadable file gets a row with its error and the others are still scored; the caller
     decides what the errors mean (the CLI exits with 1). Special files are never opened and a file
     whose name is not UTF-8 is not scored (see :mod:`qrs.files`): both get error rows, the name
-    written by :func:`qrs.files.printable`.
+    written by :func:`qrs.files.printable`. With ``recording``, every batch's rows (error rows included)
+    are handed to it once scored.
     """
     if fmt not in OUTPUT_FORMATS:
         raise QrsError(f"unknown --format {fmt!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
@@ -318,34 +344,46 @@ def score_files(inputs: Sequence[str | os.PathLike[str]], model_path: str | os.P
     files = collected.files
     roi_spec = load_roi(roi)
     scorer = Scorer.load(model_path, device=device, resize=resize, backend=backend)
+    if recording is not None:
+        recording.start(scorer)
+    overlays = overlay or (recording.overlays if recording is not None else False)
     out = Path(out)
     overlay_paths = _overlay_paths(files, out / "overlays") if overlay else []
     rows: list[dict[str, Any]] = [{} for _ in files]
-    pending: list[tuple[int, Prepared]] = []
+    pending: list[tuple[int, Prepared, float]] = []
+    done: list[tuple[Path, dict[str, Any], bytes | None, float]] = []
 
     def flush() -> None:
-        for (i, _), scored in zip(pending, scorer.score([p for _, p in pending])):
+        results = scorer.score([p for _, p, _ in pending]) if pending else []
+        now = time.perf_counter()
+        for (i, _, started), scored in zip(pending, results):
             rows[i] = scored.row
-            if scored.overlay_png is not None:
+            if overlay and scored.overlay_png is not None:
                 write_bytes(overlay_paths[i], scored.overlay_png)
                 rows[i]["overlay"] = str(overlay_paths[i])
+            done.append((files[i], rows[i], scored.overlay_png, now - started))
         bar.update(len(pending))
         pending.clear()
+        if recording is not None:
+            recording.batch(done)
+        done.clear()
 
     with tqdm(total=len(files), desc="score", unit="img", disable=not progress) as bar:
         for i, file in enumerate(files):
+            started = time.perf_counter()
             error = file_problem(file) or name_problem(file)
             if not error:
                 try:
-                    pending.append((i, scorer.prepare(str(file), open_rgb(file), roi_spec, overlay=overlay)))
+                    pending.append((i, scorer.prepare(str(file), open_rgb(file), roi_spec, overlay=overlays), started))
                 except ImageError as exc:
                     error = str(exc)
             if error:
                 rows[i] = {"file": printable(file), "error": error}
+                done.append((file, rows[i], None, time.perf_counter() - started))
                 bar.update()
             if len(pending) == batch_size:
                 flush()
-        if pending:
+        if pending or done:
             flush()
     output = out / f"scores.{fmt}"
     _write_rows(output, rows, fmt)
