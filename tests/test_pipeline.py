@@ -104,3 +104,12 @@ def test_the_pipeline_needs_the_test_split_among_its_modes(prepared_small: Path,
     with pytest.raises(QrsError, match="^the pipeline's modes must include test, got train$"):
         pipeline.run_pipeline(prepared_small, tmp_path, TrainConfig(data_root=prepared_small), modes=("train",))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_seed_finished_before_an_option_existed_counts_as_the_same_at_its_default(tmp_path: Path) -> None:
+    options = pipeline._train_options(TrainConfig(data_root=tmp_path, arch="resnet18", output_stride=16))
+    older = {k: v for k, v in options.items() if k != "mask_map"}  # a qrs without --mask-map
+    assert pipeline.same_options(older, options)
+    assert not pipeline.same_options({**older, "arch": "resnet50"}, options)
+    assert not pipeline.same_options({k: v for k, v in options.items() if k != "output_stride"}, options)
+    assert not pipeline.same_options({**options, "retired_option": 1}, options)

@@ -145,6 +145,13 @@ def read_log(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line]
 
 
+def same_options(saved: dict[str, Any], options: dict[str, Any]) -> bool:
+    """True when a finished seed's training options are these; an option that the seed's qrs did not have
+    yet counts as equal at its default value."""
+    defaults = _train_options(TrainConfig(data_root=Path(options["data_root"])))
+    return all(saved.get(k, defaults[k]) == v for k, v in options.items()) and set(saved) <= set(options)
+
+
 def _train_options(config: TrainConfig) -> dict[str, Any]:
     """What must match for a finished seed to count: the training options other than the seed and paths."""
     skip = {"seed", "out", "resume", "progress", "best_loss_path", "best_acc_path", "tensorboard"}
@@ -203,7 +210,7 @@ def repeat(config: TrainConfig, seeds: list[int], out: str | os.PathLike[str], *
         summary_path = seed_dir / "summary.json"
         if summary_path.is_file():
             saved = json.loads(summary_path.read_text())
-            if saved["train_options"] != options:
+            if not same_options(saved["train_options"], options):
                 raise QrsError(f"{seed_dir} was trained with other options than these: use another --out, or "
                                f"remove {seed_dir} to run it again")
             _say(ctx, f"=== seed {seed} ({k}/{len(seeds)}): complete in {seed_dir} (already done, skipped)")
