@@ -12,8 +12,9 @@ Usage:
 A config is arch:pretrained:schedule:optimizer:learning_rate, optionally followed by :key=value
 training options (e.g. :mask_loss=energy:mask_fraction=0.25; without mask_loss the configuration
 trains with mask_loss=none, so that backbones are compared on their labels alone). Columns (test
-split, best_loss.pt): F1, AP, AUROC of p_defective; QRS AUROC and Mann-Whitney p (good-anchored
-calibration); good parts at QRS 0; pointing game; share of the map's energy in the defect boxes;
+split, best_loss.pt): F1, AP, AUROC of p_defective; AUROC of the map peak; QRS AUROC, the share of
+caught defective parts with QRS > 0 and Mann-Whitney p (good-anchored calibration); good parts at
+QRS 0; pointing game; share of the map's energy in the defect boxes;
 seconds per epoch. Mean +- std over the seeds. A run directory under --workdir whose training
 finished with the same options is reused (its training is not repeated).
 """
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qrs.analysis import localisation_summary, qrs_statistics
+from qrs.analysis import agreement, localisation_summary, qrs_statistics
 from qrs.data.preparation import prepare
 from qrs.data.synth import synthesize
 from qrs.evaluate import evaluate
@@ -40,7 +41,8 @@ from qrs.train import TrainConfig, train, training_finished
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["resnet18:none:constant:adam:1e-3", "efficientnet_lite0:imagenet:onecycle:adamw:1e-3"]
-COLUMNS = ("f1", "ap", "auroc", "qrs_auroc", "mw_p", "good_at_0", "pointing", "energy", "s_per_epoch")
+COLUMNS = ("f1", "ap", "auroc", "peak_auroc", "qrs_auroc", "caught_with_qrs", "mw_p", "good_at_0", "pointing", "energy",
+           "s_per_epoch")
 DELETION_COLUMNS = ("deletion_area", "deletion_p")
 
 
@@ -90,9 +92,12 @@ def run_config(cfg: TrainConfig, *, deletion: bool = False) -> dict[str, float |
     rows = extract(cfg.data_root, best, modes=["test"], out_dir=out / "extract", device="cpu",
                    progress=False).rows["test"]
     q = qrs_statistics(rows["qrs"].to_numpy(), rows["label"].to_numpy())
+    agree = agreement(rows["label"].to_numpy(), rows["prediction"].to_numpy(), rows["p_defective"].to_numpy(),
+                      rows["qrs"].to_numpy(), rows["peak"].to_numpy())
     loc = localisation_summary(rows)
     result: dict[str, float | None] = {
-        "f1": metrics["f1"], "ap": metrics["ap"], "auroc": metrics["auroc"], "qrs_auroc": q["auroc"],
+        "f1": metrics["f1"], "ap": metrics["ap"], "auroc": metrics["auroc"], "peak_auroc": agree["auroc_peak"],
+        "qrs_auroc": q["auroc"], "caught_with_qrs": agree["caught_with_qrs"],
         "mw_p": q["mann_whitney_p"], "good_at_0": q["zero_share_good"], "pointing": loc["pointing_game"],
         "energy": loc["energy_in_boxes"], "s_per_epoch": float(pd.read_csv(out / "log.csv")["time_s"].mean())}
     if deletion:
