@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
+import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,36 @@ def parse_setting(text: str) -> tuple[tuple[int, int], int]:
     return (int(height), int(width)), int(stride or 32)
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class PeakMemory:
+    """The largest resident memory of this process above its level at the start, sampled every 2 ms by
+    a thread (``/proc/self/statm``) while the block runs: the work's own peak, whatever the process
+    held or peaked at before."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "PeakMemory":
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.PAGE
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
 
 
 def prepared_dataset(work: Path, size: tuple[int, int], n_test: int) -> Path:
@@ -89,25 +118,26 @@ def measure(task: str, arch: str, size: tuple[int, int], stride: int, work: str,
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         x, y = torch.randn(batch, 3, *size), torch.randint(0, 2, (batch,))
         estimate = training_need(model, size).total(batch) / 2**20
-        base = _peak_mib()
         steps = max(1, n_images // batch)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        seconds = time.perf_counter() - t0
-        return {"images_s": steps * batch / seconds, "peak_mib": _peak_mib() - base, "estimate_mib": estimate}
+        with PeakMemory() as memory:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            seconds = time.perf_counter() - t0
+        return {"images_s": steps * batch / seconds, "peak_mib": memory.mib, "estimate_mib": estimate}
     data = prepared_dataset(work_dir, size, n_images)
     ckpt = checkpoint(work_dir, arch, size, stride, data)
     if task == "extract":
         from qrs.extract import extract
 
-        base = _peak_mib()
-        t0 = time.perf_counter()
-        rows = extract(data, ckpt, modes=["test"], out_dir=work_dir / "extract", batch_size=batch, device="cpu",
-                       progress=False).rows["test"]
-        return {"images_s": len(rows) / (time.perf_counter() - t0), "peak_mib": _peak_mib() - base}
+        with PeakMemory() as memory:
+            t0 = time.perf_counter()
+            rows = extract(data, ckpt, modes=["test"], out_dir=work_dir / "extract", batch_size=batch, device="cpu",
+                           progress=False).rows["test"]
+            seconds = time.perf_counter() - t0
+        return {"images_s": len(rows) / seconds, "peak_mib": memory.mib}
     from qrs.data.dataset import PreparedDataset
     from qrs.export import export_onnx
     from qrs.predict import Scorer
@@ -118,11 +148,12 @@ def measure(task: str, arch: str, size: tuple[int, int], stride: int, work: str,
     scorer = Scorer.load(onnx_path, backend="onnx", device="cpu")
     images = np.asarray(PreparedDataset(data).image_cache("test", progress=False))[:n_images]
     items = [scorer.prepare(f"part{i}", image) for i, image in enumerate(images)]
-    base = _peak_mib()
-    t0 = time.perf_counter()
-    for i in range(0, len(items), batch):
-        scorer.score(items[i:i + batch])
-    return {"images_s": len(items) / (time.perf_counter() - t0), "peak_mib": _peak_mib() - base}
+    with PeakMemory() as memory:
+        t0 = time.perf_counter()
+        for i in range(0, len(items), batch):
+            scorer.score(items[i:i + batch])
+        seconds = time.perf_counter() - t0
+    return {"images_s": len(items) / seconds, "peak_mib": memory.mib}
 
 
 def run_isolated(*args: Any) -> dict[str, float]:
