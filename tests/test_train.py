@@ -16,7 +16,8 @@ from qrs import train as train_module
 from conftest import straight_and_resumed
 from qrs.cli import app
 from qrs.errors import QrsError
-from qrs.model import load_checkpoint, read_checkpoint
+from qrs.data.dataset import PreparedDataset
+from qrs.model import load_checkpoint, normalize, read_checkpoint
 from qrs.train import (EarlyStopping, TrainConfig, augment_batch, class_weight_tensor, make_scheduler, train,
                        training_finished)
 
@@ -34,7 +35,8 @@ def test_tiny_run_writes_three_loadable_checkpoints_and_a_log(prepared_small: Pa
     result = train(_config(prepared_small, tmp_path / "run"))
     for path in (result.best_loss_path, result.best_acc_path, result.last_path):
         model = load_checkpoint(path)
-        assert model.qrs_meta["img_size"] == [32, 32] and model.qrs_meta["output_stride"] == 32 and model.qrs_meta["arch"] == "resnet18"
+        meta = model.qrs_meta
+        assert meta["img_size"] == [32, 32] and meta["output_stride"] == 32 and meta["arch"] == "resnet18"
     log = pd.read_csv(tmp_path / "run" / "log.csv")
     assert list(log["epoch"]) == [1, 2]
     assert set(log.columns) >= {"train_loss", "val_loss", "val_acc", "val_f1", "time_s"}
@@ -196,3 +198,25 @@ def test_curves_are_rewritten_after_every_epoch_also_on_resume(prepared_small: P
     assert seen[3] != (run / "curves.png").read_bytes()
     assert read_checkpoint(run / "best_loss.pt")["meta"]["run_dir"] == str(run.resolve())
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # atomic writes leave no temporary file
+
+
+def test_precise_bn_leaves_the_training_images_statistics_in_the_checkpoint(prepared_small: Path,
+                                                                           tmp_path: Path) -> None:
+    data = PreparedDataset(prepared_small)
+    images = data.split("train", with_masks=False)
+    n = len(images)
+    # One batch holds the whole split, so the recomputed statistics are those of all its images.
+    result = train(_config(prepared_small, tmp_path / "run", num_epochs=1, batch_size=64, precise_bn=True))
+    model = load_checkpoint(result.last_path)
+    x = normalize(torch.stack([images[i]["image"] for i in range(n)]), model.qrs_meta)
+    with torch.no_grad():
+        first = model.conv1(x)
+    torch.testing.assert_close(model.bn1.running_mean, first.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.bn1.running_var, first.var(dim=(0, 2, 3), unbiased=True), atol=1e-5, rtol=1e-4)
+    plain = load_checkpoint(train(_config(prepared_small, tmp_path / "plain", num_epochs=1, batch_size=64)).last_path)
+    assert not torch.allclose(plain.bn1.running_mean, first.mean(dim=(0, 2, 3)), atol=1e-3)
+
+
+def test_resume_is_exact_with_precise_bn(prepared_small: Path, tmp_path: Path) -> None:
+    a, b = straight_and_resumed(partial(_config, prepared_small, num_epochs=3, precise_bn=True), tmp_path, (2, 1))
+    assert a["meta"]["epoch"] == b["meta"]["epoch"] == 3

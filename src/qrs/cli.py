@@ -140,6 +140,9 @@ def train(
     class_weights: Annotated[ClassWeights, typer.Option(help="auto: weight the loss by inverse class frequency.")] = "auto",
     augment: Annotated[Augment, typer.Option(help="none, flip (h/v flips) or standard (flips, 90-degree turns, "
                                                   "brightness/contrast).")] = "flip",
+    precise_bn: Annotated[bool, typer.Option(help="Recompute the BatchNorm statistics on the training images after "
+                                                  "every epoch, before validation (with few steps the running "
+                                                  "statistics lag behind the weights).")] = False,
     optimizer: Annotated[Optimizer, typer.Option(help="adam (the paper's) or adamw (decoupled weight decay).")] = "adam",
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule, stepped every batch: constant, cosine "
                                                     "(decay to 0) or onecycle (warm up to the learning rate, then "
@@ -189,6 +192,7 @@ def train(
         mask_fraction=mask_fraction, mask_map=mask_map,
         patience=patience, seed=seed,
         device=device, num_workers=num_workers, amp=amp, class_weights=class_weights, augment=augment,
+        precise_bn=precise_bn,
         best_loss_path=best_loss_path, best_acc_path=best_acc_path, resume=resume, tensorboard=tensorboard,
     ))
     if result.history and is_main_process():

@@ -73,6 +73,7 @@ class TrainConfig:
     amp: bool = False
     class_weights: ClassWeights = "auto"
     augment: Augment = "flip"
+    precise_bn: bool = False
     best_loss_path: Path | None = None
     best_acc_path: Path | None = None
     resume: bool = False
@@ -364,8 +365,23 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, meta: d
     return {"val_loss": loss_sum / n, "val_acc": correct / n, "val_f1": 2 * tp / (2 * tp + wrong) if tp else 0.0}
 
 
+PRECISE_BN_IMAGES = 2048
+"""Most training images (per process, evenly spaced) whose statistics precise BatchNorm recomputes."""
+
+
+def recompute_bn(model: nn.Module, loader: DataLoader, meta: dict[str, Any], device: torch.device) -> None:
+    """Precise BatchNorm: the running statistics of every BatchNorm layer recomputed as the average over
+    the training images of ``loader`` under the current weights (``torch.optim.swa_utils.update_bn``),
+    instead of the exponential average of the last steps. With few optimiser steps (tens, as a few
+    hundred parts in batches of 32 give) the running statistics still lag far behind the weights, and
+    the model in eval mode, which validation, the checkpoints and every map use, is not the model that
+    was trained."""
+    torch.optim.swa_utils.update_bn((normalize(batch["image"].to(device), meta) for batch in loader), model)
+
+
 def _loaders(data: PreparedDataset, cfg: TrainConfig, ctx: DistContext,
-             generator: torch.Generator) -> tuple[DataLoader, DataLoader, torch.Tensor]:
+             generator: torch.Generator) -> tuple[DataLoader, DataLoader, DataLoader, torch.Tensor]:
+    """The training, validation and precise-BatchNorm loaders, and the training split's labels."""
     train_set = data.split("train", with_masks=False, with_defect=cfg.mask_loss != "none")
     val_set = data.split("val", with_masks=False)
     with main_first(ctx):
@@ -379,7 +395,11 @@ def _loaders(data: PreparedDataset, cfg: TrainConfig, ctx: DistContext,
                               persistent_workers=cfg.num_workers > 0)
     val_loader = DataLoader(Subset(val_set, shard_indices(len(val_set), ctx)), batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers)
-    return train_loader, val_loader, train_set.labels
+    shard = shard_indices(len(train_set), ctx)
+    spread = shard[::math.ceil(len(shard) / PRECISE_BN_IMAGES)]
+    bn_loader = DataLoader(Subset(data.split("train", with_masks=False), spread), batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers)
+    return train_loader, val_loader, bn_loader, train_set.labels
 
 
 def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
@@ -430,7 +450,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
     cfg = replace(cfg, mask_loss=mask_loss)
     if mask_note and ctx.is_main:
         print(f"note: {mask_note}", flush=True)
-    train_loader, val_loader, train_labels = _loaders(data, cfg, ctx, generator)
+    train_loader, val_loader, bn_loader, train_labels = _loaders(data, cfg, ctx, generator)
     weights = class_weight_tensor(train_labels, cfg.class_weights)
     criterion = nn.CrossEntropyLoss(weight=weights.to(ctx.device) if weights is not None else None,
                                     label_smoothing=cfg.label_smoothing)
@@ -487,6 +507,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, on_batch: Callable[[int, int], No
         t0 = time.perf_counter()
         losses = train_one_epoch(ddp, train_loader, criterion, optimizer, scheduler, scaler, meta, cfg, ctx,
                                  generator, epoch, on_batch, guidance, monitor.step)
+        if cfg.precise_bn:
+            recompute_bn(model, bn_loader, meta, ctx.device)
         broadcast_buffers(model, ctx)
         metrics = validate(model, val_loader, criterion, meta, ctx)
         row = {"epoch": epoch, "mask_loss": cfg.mask_loss, **losses, **metrics, "time_s": time.perf_counter() - t0,
