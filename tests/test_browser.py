@@ -134,7 +134,8 @@ def test_history_view_reviews_a_part_and_raises_the_drift_alarm(browser: object,
         expect(first.locator("img")).to_have_js_property("naturalWidth", 115)
         first.click()
         expect(page.locator("#rv-overlay")).to_be_visible()
-        assert page.text_content("#rv-verdict") == "FAIL" and page.text_content("#rv-reviews") == "Not reviewed yet."
+        expect(page.locator("#rv-verdict")).to_have_text("FAIL")
+        expect(page.locator("#rv-reviews")).to_have_text("Not reviewed yet.")
         page.fill("#rv-reviewer", "Ann")
         page.fill("#rv-note", "scratch at the rim")
         page.click("#rv-defective")

@@ -143,13 +143,14 @@ def test_qrs_is_the_quoted_mass_and_area() -> None:
 def test_the_mask_term_its_ramp_and_its_dilation_are_the_quoted_ones() -> None:
     quoted("L_mask = 1 - sum_ij inside(i,j) C(i,j) / (sum_ij C(i,j) + 1e-6)")
     quoted("lambda(t) = lambda * min(1, t / (r T))")
-    quoted("d = round(15 H / 224)")
+    quoted("d = round(15 sqrt(H W) / 224)")
     cam = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
     inside = torch.tensor([[[True, False], [False, True]]])
     assert energy_loss(cam, inside).item() == pytest.approx(1 - 5 / (8 + 1e-6))
     steps = [mask_weight(t, 100, 2.0, 0.2) for t in (0, 10, 20, 50)]
     assert steps == pytest.approx([2 * min(1, t / (0.2 * 100)) for t in (0, 10, 20, 50)])
     assert [default_dilation(h) for h in (224, 64, 512)] == [round(15 * h / 224) for h in (224, 64, 512)]
+    assert default_dilation((160, 640)) == round(15 * (160 * 640) ** 0.5 / 224) == 21
 
 
 def test_class_weights_are_the_quoted_inverse_frequency() -> None:
