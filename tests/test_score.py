@@ -197,6 +197,9 @@ def test_calibration_scale_errors() -> None:
         calibration_scale([])
     with pytest.raises(ValueError, match="all 3 defective parts are zero everywhere"):
         calibration_scale([0.0, 0.0, 0.0], anchor="defective")
+    with pytest.raises(ValueError, match=r"all 2 good parts are zero everywhere \(is the model trained\? With a signed "
+                                         r"map such as --method evidence.*calibrate with --anchor defective instead\)"):
+        calibration_scale([0.0, 0.0])
     with pytest.raises(ValueError, match="0.5 quantile of the map peaks of the 3 defective parts is 0"):
         calibration_scale([0.0, 0.0, 5.0], anchor="defective")
     with pytest.raises(ValueError, match="finite and >= 0"):
