@@ -115,7 +115,10 @@ def train(
                                                  "batch_size x number of processes).")] = 64,
     learning_rate: Annotated[float, typer.Option("--learning_rate", "--learning-rate", "--lr",
                                                  help="Adam learning rate (used as given, whatever the number "
-                                                      "of processes).")] = 1e-4,
+                                                      "of processes). The paper's 1e-4 leaves a pretrained "
+                                                      "backbone near chance after the tens of steps a few hundred "
+                                                      "parts give: see docs/architecture.md, 'Training defaults "
+                                                      "(measured)'.")] = 1e-3,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a lower validation loss.")] = 10,
     best_loss_path: Annotated[Optional[Path], typer.Option("--best_loss_path", "--best-loss-path",
                                                            help="Checkpoint of the lowest validation loss. "

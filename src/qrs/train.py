@@ -54,7 +54,7 @@ class TrainConfig:
     weights: Path | None = None
     num_epochs: int = 100
     batch_size: int = 64
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     optimizer: Optimizer = "adam"
     schedule: Schedule = "constant"
     warmup_epochs: float = 0.0
