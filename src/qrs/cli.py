@@ -118,7 +118,7 @@ def train(
                                                       "of processes). The paper's 1e-4 leaves a pretrained "
                                                       "backbone near chance after the tens of steps a few hundred "
                                                       "parts give: see docs/architecture.md, 'Training defaults "
-                                                      "(measured)'.")] = 1e-3,
+                                                      "and the agreement of QRS (measured)'.")] = 1e-3,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a lower validation loss.")] = 10,
     best_loss_path: Annotated[Optional[Path], typer.Option("--best_loss_path", "--best-loss-path",
                                                            help="Checkpoint of the lowest validation loss. "

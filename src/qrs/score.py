@@ -188,11 +188,10 @@ def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", 
     if not torch.isfinite(values).all() or (values < 0).any():
         raise ValueError("map peaks must be finite and >= 0")
     if not (values > 0).any():
-        hint = ("is the model trained?" if anchor == "defective" else "is the model trained? With a signed map such "
-                "as --method evidence, no good part showing any evidence of a defect is possible: calibrate with "
-                "--anchor defective instead")
+        signed = ("" if anchor == "defective" else " With a signed map such as --method evidence, no good part "
+                  "showing any evidence of a defect is possible: calibrate with --anchor defective instead")
         raise ValueError(f"the class activation maps of all {values.numel()} {anchor} parts are zero everywhere "
-                         f"({hint})")
+                         f"(is the model trained?{signed})")
     peak_q = float(torch.quantile(values, q))
     if peak_q == 0:
         raise ValueError(f"the {q:g} quantile of the map peaks of the {values.numel()} {anchor} parts is 0 (at least "
