@@ -71,3 +71,20 @@ def test_python_dash_m_and_user_errors_exit_2(tmp_path) -> None:  # noqa: ANN001
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: source directory {tmp_path / 'none'} does not exist"
+
+
+@pytest.mark.parametrize(("words", "config"), [(["train"], "qrs.train:TrainConfig"),
+                                               (["calibrate"], "qrs.extract:ScoreOptions"),
+                                               (["extract"], "qrs.extract:ScoreOptions")], ids=lambda v: str(v))
+def test_option_defaults_are_the_librarys(words: list[str], config: str) -> None:
+    """The CLI spells its defaults out (its --help must not import torch); they must be the Python API's."""
+    import dataclasses
+    import importlib
+
+    module, _, name = config.partition(":")
+    library = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+               if f.default is not dataclasses.MISSING}
+    command = typer.main.get_command(app).commands[words[0]]
+    shared = {p.name: p.default for p in command.params if p.name in library}
+    assert len(shared) >= (20 if name == "TrainConfig" else 3)
+    assert {k: library[k] for k in shared} == shared
