@@ -81,17 +81,21 @@ def parse_setting(text: str) -> tuple[str, tuple[int, int], dict[str, Any]]:
         key, _, value = option.partition("=")
         if key not in train_fields:
             raise SystemExit(f"setting {name}: {key} is not a qrs train option")
-        parsed[key] = _value(value)
+        parsed[key] = _value(value, nullable="None" in str(train_fields[key]))
     return name, (int(height), int(width or height)), parsed
 
 
-def _value(text: str) -> Any:
+def _value(text: str, nullable: bool) -> Any:
+    """An option's text as a number, a bool, None (only where the option takes None: ``mask_loss=none`` is
+    the string), or the text."""
+    if nullable and text.lower() == "none":
+        return None
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def prepared(work: Path, size: tuple[int, int], *, src: str | None, demo: bool) -> Path:
