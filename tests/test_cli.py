@@ -73,18 +73,16 @@ def test_python_dash_m_and_user_errors_exit_2(tmp_path) -> None:  # noqa: ANN001
     assert done.stderr.strip() == f"error: source directory {tmp_path / 'none'} does not exist"
 
 
-@pytest.mark.parametrize(("words", "config"), [(["train"], "qrs.train:TrainConfig"),
-                                               (["calibrate"], "qrs.extract:ScoreOptions"),
-                                               (["extract"], "qrs.extract:ScoreOptions")], ids=lambda v: str(v))
-def test_option_defaults_are_the_librarys(words: list[str], config: str) -> None:
+@pytest.mark.parametrize("command", ["train", "calibrate", "extract"])
+def test_option_defaults_are_the_librarys(command: str) -> None:
     """The CLI spells its defaults out (its --help must not import torch); they must be the Python API's."""
     import dataclasses
-    import importlib
 
-    module, _, name = config.partition(":")
-    library = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(module), name))
-               if f.default is not dataclasses.MISSING}
-    command = typer.main.get_command(app).commands[words[0]]
-    shared = {p.name: p.default for p in command.params if p.name in library}
-    assert len(shared) >= (20 if name == "TrainConfig" else 3)
+    from qrs.extract import ScoreOptions
+    from qrs.train import TrainConfig
+
+    config = TrainConfig if command == "train" else ScoreOptions
+    library = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    shared = {p.name: p.default for p in typer.main.get_command(app).commands[command].params if p.name in library}
+    assert len(shared) >= (20 if config is TrainConfig else 3)
     assert {k: library[k] for k in shared} == shared
