@@ -178,7 +178,7 @@ def test_mask_fraction_and_missing_masks(guided_data: Path, tmp_path: Path, caps
     first, second = capsys.readouterr().out.splitlines()[:2]
     assert first == ("note: mask guidance is on by default (--mask-loss auto: the training split has defect masks "
                      "or boxes); --mask-loss none trains on the labels alone")
-    assert second.startswith("mask guidance: energy loss on the gradcam++ map, weight 1 ")
+    assert second.startswith("mask guidance: energy loss on the gradcam++ map, weight 3 ")
     meta = read_checkpoint(guided.last_path)["meta"]
     assert meta["train_config"]["mask_loss"] == "auto" and meta["mask_guidance"]["loss"] == "energy"
 
@@ -201,7 +201,7 @@ def test_extract_stats_and_report_say_whether_the_model_was_mask_guided(guided_d
         if guided:
             guidance = read_checkpoint(run.best_loss_path)["meta"]["mask_guidance"]
             assert result.stats["options"]["mask_guidance"] == guidance
-            assert ("Mask-guided training: energy loss on the Grad-CAM++ map, weight 1, masks dilated by 4 px, "
+            assert ("Mask-guided training: energy loss on the Grad-CAM++ map, weight 3, masks dilated by 4 px, "
                     f"masks of {guidance['n_masked']} of {guidance['n_defective']} defective training images used.") in html
         else:
             assert "Trained without mask guidance (classification loss only)." in html

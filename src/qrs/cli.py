@@ -162,7 +162,7 @@ def train(
                                                      "to the loss; none: classification loss only (the paper's); "
                                                      "auto: energy when the training split has masks or boxes, "
                                                      "else none.")] = "auto",
-    mask_weight: Annotated[float, typer.Option(help="Weight lambda of the mask term.")] = 1.0,
+    mask_weight: Annotated[float, typer.Option(help="Weight lambda of the mask term.")] = 3.0,
     mask_warmup: Annotated[float, typer.Option(help="Share of the training steps over which lambda ramps up "
                                                     "linearly from 0.")] = 0.2,
     mask_dilate: Annotated[Optional[int], typer.Option(help="Dilation of the defect masks in pixels. (default: 15 "

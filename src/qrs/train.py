@@ -61,7 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     mask_loss: MaskLoss = "auto"
-    mask_weight: float = 1.0
+    mask_weight: float = 3.0
     mask_warmup: float = 0.2
     mask_dilate: int | None = None
     mask_fraction: float = 1.0
