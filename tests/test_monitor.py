@@ -39,8 +39,10 @@ def test_tensorboard_holds_the_curves_per_step_and_epoch_and_the_overlays(prepar
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(_config(prepared_small, tmp_path / "run", mask_loss="energy", tensorboard=board), on_batch=crash)
-    train(_config(prepared_small, tmp_path / "run", mask_loss="energy", tensorboard=board, resume=True))
+        train(_config(prepared_small, tmp_path / "run", mask_loss="energy", mask_weight=2.0, tensorboard=board),
+              on_batch=crash)
+    train(_config(prepared_small, tmp_path / "run", mask_loss="energy", mask_weight=2.0, tensorboard=board,
+                  resume=True))
     events = read_events(board)
     assert set(events.Tags()["scalars"]) == STEP_TAGS | EPOCH_TAGS
     log = pd.read_csv(tmp_path / "run" / "log.csv")
@@ -52,7 +54,7 @@ def test_tensorboard_holds_the_curves_per_step_and_epoch_and_the_overlays(prepar
     assert [e.step for e in events.Scalars("step/train_loss")] == list(range(1, 2 * steps + 1))
     assert [e.value for e in events.Scalars("step/lr")] == pytest.approx([1e-3] * (2 * steps))  # float32 events
     ramp = [e.value for e in events.Scalars("step/mask_weight")]
-    assert ramp == pytest.approx([min(1.0, s / (0.2 * 2 * steps)) for s in range(2 * steps)])
+    assert ramp == pytest.approx([2.0 * min(1.0, s / (0.2 * 2 * steps)) for s in range(2 * steps)])
     val = PreparedDataset(prepared_small).split("val")
     labels = val.labels.tolist()
     parts = overlay_parts(labels)
