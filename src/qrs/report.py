@@ -445,8 +445,8 @@ def _agreement_section(stats: dict[str, Any], plots: list[Path]) -> str:
               "flagged": "good, flagged (fail)"}
     parts = ["<h2>Agreement of QRS with the classifier</h2><p>A defective part the classifier catches (p_defective "
              "&gt; 0.5) should show evidence beyond normal variation (QRS &gt; 0), and a good part it passes "
-             "should not. The map's peak is what the calibrated threshold acts on: its AUROC bounds how well QRS "
-             "can separate the classes.</p>"]
+             "should not. The calibrated threshold acts on the map's peak: a peak that separates the classes "
+             "poorly leaves caught defective parts at QRS 0 and good parts above it.</p>"]
     for mode, st in stats["modes"].items():
         ag = st["agreement"]
         table = ag["table"]
