@@ -623,4 +623,8 @@ def main() -> None:
         app(args=_expand_multi_value_options(sys.argv[1:]), prog_name="qrs")
     except QrsError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        if "torch.distributed" in sys.modules:
+            from qrs.distributed import leave
+
+            leave(2)
         sys.exit(2)

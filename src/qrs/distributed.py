@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -96,6 +97,20 @@ def init_distributed(device: str = "auto", *, timeout_s: float | None = None) ->
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(status: int) -> None:
+    """End a torchrun worker that failed with ``status`` before its process group is torn down.
+
+    The teardown at exit closes the peers' connections while this process is still finishing; a
+    peer then fails on the closed connection, and torchrun may stop this process (SIGTERM) before it
+    exits and report the peer's error instead of this one. Leaving at once, streams flushed, makes
+    ``status`` this worker's exit code. Without a process group it returns and the caller exits.
+    """
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
