@@ -37,6 +37,26 @@ def test_checkpoint_round_trip_is_weights_only_and_eval(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
+def test_models_are_channels_last_and_compute_what_the_default_layout_does(tmp_path: Path, arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    save_checkpoint(tmp_path / "m.pt", model, base_meta(arch, 64))
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in loaded.modules() if isinstance(m, torch.nn.Conv2d))
+    default = build_model(arch).eval()
+    default.load_state_dict(model.state_dict())
+    default.to(memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in default.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        out = loaded(x)
+        torch.testing.assert_close(out, default(x), rtol=1e-5, atol=1e-5 * float(out.abs().max()))
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
@@ -146,6 +166,7 @@ def test_dilated_bottleneck_resnet_is_torchvisions_own(output_stride: int) -> No
     ours = build_model("resnet50", output_stride=output_stride).eval()
     reference = torchvision.models.resnet50(num_classes=2, replace_stride_with_dilation=[False, output_stride == 8, True])
     reference.load_state_dict(ours.state_dict())
+    reference.to(memory_format=torch.channels_last)  # the same layout, so the same sums in the same order
     x = torch.randn(1, 3, 96, 64)
     with torch.inference_mode():
         torch.testing.assert_close(ours(x), reference.eval()(x), atol=0, rtol=0)
@@ -161,6 +182,7 @@ def test_dilated_basicblock_resnet_is_timms_and_keeps_its_weights(output_stride:
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     reference = timm.create_model("resnet18", num_classes=2, output_stride=output_stride)
     reference.load_state_dict(ours.state_dict())
+    reference.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 96, 64)
     with torch.inference_mode():
         features = ours.layer4(ours.layer3(ours.layer2(ours.layer1(ours.maxpool(ours.relu(ours.bn1(ours.conv1(x))))))))

@@ -169,6 +169,10 @@ def build_model(arch: str = "resnet50", *, pretrained: str = "none", weights: st
     ``efficientnet_lite0`` is timm's (symmetric padding, BatchNorm eps 1e-3, dropout 0.2): its ImageNet
     weights are read from the installed package. ``weights`` is a state dict file in the same naming
     (for Lite0, the packaged naming is accepted too).
+
+    The weights are laid out channels-last (NHWC): oneDNN's convolutions on a CPU, and cuDNN's on a
+    GPU, run faster on it, and every activation follows the weights' layout; the values are the same
+    (benchmarks/bench_memory_format.py).
     """
     if arch not in ARCHS:
         raise QrsError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -187,7 +191,7 @@ def build_model(arch: str = "resnet50", *, pretrained: str = "none", weights: st
         if arch == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in state):
             state = lite0_state_from_packaged(state)
         _load_backbone(model, state, str(weights), head_prefix(arch))
-    return model
+    return model.to(memory_format=torch.channels_last)
 
 
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], what: str, head: str) -> None:
