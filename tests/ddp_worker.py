@@ -4,11 +4,15 @@ with, which the checkpoints (written by rank 0 only) cannot show.
 ``python ddp_worker.py DATA OUT train [ARGS...]``: ``qrs train ARGS`` for 2 epochs into OUT/full, and
 for 1 epoch into OUT/resumed then ``--resume`` to 2 epochs, with TensorBoard into OUT/tb-full and
 OUT/tb-resumed; writes OUT/rank<R>.json with each final model's state digest. ``fail``: rank 1 raises
-a QrsError at its second training step; ``hang``: rank 1 sleeps there instead, outside every collective.
+a QrsError at its second training step; ``hang``: rank 1 sleeps there instead, outside every collective;
+``crash``: ``qrs train`` through the console entry point, where rank 0 fails with an unexpected error
+while it builds the image cache that rank 1 waits for at a barrier, and rank 0's exit is slow after
+its process group's teardown (an exit handler that sleeps 5 s runs after it).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -20,7 +24,8 @@ import torch
 from torch import nn
 
 from qrs import train as train_module
-from qrs.cli import app
+from qrs.cli import app, main
+from qrs.data.dataset import PreparedDataset
 from qrs.errors import QrsError
 from qrs.train import TrainConfig, train
 
@@ -70,10 +75,24 @@ def stop_rank_1(data: Path, out: Path, rank: int, mode: str) -> None:
                       progress=False), on_batch=on_batch)
 
 
+def crash_rank_0(data: Path, out: Path, rank: int) -> None:
+    if rank == 0:
+        def crash(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("rank 0 crashed on purpose")
+
+        PreparedDataset.image_cache = crash
+        atexit.register(time.sleep, 5)  # exit handlers run last-in first-out: after the group's teardown
+    sys.argv = ["qrs", "train", "--data_root", str(data), "--out", str(out / "crash"), "--arch", "resnet18",
+                "--num_epochs", "1", "--batch_size", "8", "--device", "cpu"]
+    main()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     data_arg, out_arg, mode_arg = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     if mode_arg == "train":
         train_and_resume(data_arg, out_arg, int(os.environ["RANK"]), sys.argv[4:])
+    elif mode_arg == "crash":
+        crash_rank_0(data_arg, out_arg, int(os.environ["RANK"]))
     else:
         stop_rank_1(data_arg, out_arg, int(os.environ["RANK"]), mode_arg)

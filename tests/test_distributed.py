@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,15 @@ def test_a_failing_non_main_rank_stops_the_job(prepared_small: Path, tmp_path: P
     assert run.returncode != 0
     assert "QrsError: rank 1 failed on purpose" in run.stderr
     assert not (tmp_path / "fail" / "last.pt").exists()
+
+
+def test_an_unexpected_error_is_reported_as_the_failing_ranks_own(prepared_small: Path, tmp_path: Path) -> None:
+    run = torchrun(WORKER, prepared_small, tmp_path, "crash", cwd=tmp_path)
+    assert run.returncode != 0
+    assert "RuntimeError: rank 0 crashed on purpose" in run.stderr
+    root_cause = run.stderr.split("Root Cause (first observed failure):")[1]
+    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: 1 ", root_cause), root_cause
+    assert not (tmp_path / "crash" / "last.pt").exists()
 
 
 def test_a_rank_stuck_outside_collectives_times_out_the_others(prepared_small: Path, tmp_path: Path) -> None:

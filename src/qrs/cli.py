@@ -7,6 +7,7 @@ spellings (``--data_root``) beside the dashed ones (``--data-root``).
 from __future__ import annotations
 
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -617,14 +618,24 @@ def _expand_multi_value_options(argv: list[str], names: tuple[str, ...] = MULTI_
     return out
 
 
+def _leave_worker(status: int, message: str = "") -> None:
+    """In a torchrun worker, :func:`qrs.distributed.leave`; elsewhere (torch not even imported) nothing."""
+    if "torch.distributed" in sys.modules:
+        from qrs.distributed import leave
+
+        leave(status, message)
+
+
 def main() -> None:
-    """Console entry point: user errors print one line and exit with status 2."""
+    """Console entry point: user errors print one line and exit with status 2. A torchrun worker that
+    fails exits at once with its status (2, or 1 with its traceback for any other error), before the
+    process group's teardown lets a peer fail first and torchrun report the peer instead."""
     try:
         app(args=_expand_multi_value_options(sys.argv[1:]), prog_name="qrs")
     except QrsError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        if "torch.distributed" in sys.modules:
-            from qrs.distributed import leave
-
-            leave(2)
+        _leave_worker(2)
         sys.exit(2)
+    except Exception:
+        _leave_worker(1, traceback.format_exc())
+        raise

@@ -99,16 +99,19 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def leave(status: int) -> None:
-    """End a torchrun worker that failed with ``status`` before its process group is torn down.
+def leave(status: int, message: str = "") -> None:
+    """End a torchrun worker that failed with ``status`` before its process group is torn down,
+    ``message`` (e.g. the traceback) written to stderr first.
 
     The teardown at exit closes the peers' connections while this process is still finishing; a
     peer then fails on the closed connection, and torchrun may stop this process (SIGTERM) before it
     exits and report the peer's error instead of this one. Leaving at once, streams flushed, makes
-    ``status`` this worker's exit code. Without a process group it returns and the caller exits.
+    ``status`` this worker's exit code. Without a process group it returns (nothing written) and the
+    caller exits its usual way.
     """
     if dist.is_initialized():
         sys.stdout.flush()
+        sys.stderr.write(message)
         sys.stderr.flush()
         os._exit(status)
 
