@@ -44,6 +44,15 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
     return step
 
 
+def score_pass(model: nn.Module, images: torch.Tensor) -> Callable[[], object]:
+    """The scoring path's forward pass of ``model`` on the batch (logits and maps), as a callable."""
+    def run() -> object:
+        with torch.inference_mode():
+            return compute_cams(model.eval(), images)
+
+    return run
+
+
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|."""
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
@@ -78,18 +87,10 @@ def main() -> None:
                 model = build_model(arch)
                 model.load_state_dict(reference.state_dict())
                 models[name] = model.to(memory_format=layout).eval()
-            with torch.inference_mode():
-                outputs = {name: compute_cams(m, images) for name, m in models.items()}
+            outputs = {name: score_pass(m, images)() for name, m in models.items()}
             diff = max(relative_difference(getattr(outputs["contiguous"], f), getattr(outputs["channels-last"], f))
                        for f in ("logits", "raw"))
-
-            def score(model: nn.Module) -> Callable[[], object]:
-                def run() -> object:
-                    with torch.inference_mode():
-                        return compute_cams(model.eval(), images)
-                return run
-
-            tasks = {"score": {n: score(m) for n, m in models.items()},
+            tasks = {"score": {n: score_pass(m, images) for n, m in models.items()},
                      "train": {n: train_step(m, images, labels) for n, m in models.items()}}
             for task, runs in tasks.items():
                 times: dict[str, list[float]] = {n: [] for n in runs}

@@ -37,20 +37,22 @@ def test_checkpoint_round_trip_is_weights_only_and_eval(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
+def conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
 def test_models_are_channels_last_and_compute_what_the_default_layout_does(tmp_path: Path, arch: str) -> None:
     torch.manual_seed(0)
     model = build_model(arch).eval()
-    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert conv_weights(model) and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model))
     save_checkpoint(tmp_path / "m.pt", model, base_meta(arch, 64))
     loaded = load_checkpoint(tmp_path / "m.pt")
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
-               for m in loaded.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(loaded))
     default = build_model(arch).eval()
     default.load_state_dict(model.state_dict())
     default.to(memory_format=torch.contiguous_format)
-    assert all(m.weight.is_contiguous() for m in default.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(w.is_contiguous() for w in conv_weights(default))
     x = torch.randn(2, 3, 64, 96)
     with torch.inference_mode():
         out = loaded(x)
