@@ -41,8 +41,8 @@ from qrs.train import TrainConfig, train, training_finished
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["resnet18:none:constant:adam:1e-3", "efficientnet_lite0:imagenet:onecycle:adamw:1e-3"]
-COLUMNS = ("f1", "ap", "auroc", "peak_auroc", "qrs_auroc", "caught_with_qrs", "mw_p", "good_at_0", "pointing", "energy",
-           "s_per_epoch")
+COLUMNS = ("f1", "ap", "auroc", "peak_auroc", "qrs_auroc", "caught_with_qrs", "ceiling_qrs_auroc", "mw_p", "good_at_0",
+           "pointing", "energy", "s_per_epoch")
 DELETION_COLUMNS = ("deletion_area", "deletion_p")
 
 
@@ -88,17 +88,17 @@ def run_config(cfg: TrainConfig, *, deletion: bool = False) -> dict[str, float |
     out = Path(cfg.out)
     best = cfg.paths()[0]
     metrics = evaluate(cfg.data_root, [best], device="cpu", progress=False, n_resamples=0)["best_loss.pt"]
-    calibrate(best, cfg.data_root, device="cpu", progress=False)
+    calibration = calibrate(best, cfg.data_root, device="cpu", progress=False)
     rows = extract(cfg.data_root, best, modes=["test"], out_dir=out / "extract", device="cpu",
                    progress=False).rows["test"]
     q = qrs_statistics(rows["qrs"].to_numpy(), rows["label"].to_numpy())
     agree = agreement(rows["label"].to_numpy(), rows["prediction"].to_numpy(), rows["p_defective"].to_numpy(),
-                      rows["qrs"].to_numpy(), rows["peak"].to_numpy())
+                      rows["qrs"].to_numpy(), rows["peak"].to_numpy(), calibration.get("p_defective_cut"))
     loc = localisation_summary(rows)
     result: dict[str, float | None] = {
         "f1": metrics["f1"], "ap": metrics["ap"], "auroc": metrics["auroc"], "peak_auroc": agree["auroc_peak"],
         "qrs_auroc": q["auroc"], "caught_with_qrs": agree["caught_with_qrs"],
-        "mw_p": q["mann_whitney_p"], "good_at_0": q["zero_share_good"], "pointing": loc["pointing_game"],
+        "ceiling_qrs_auroc": (agree["ceiling"] or {}).get("auroc_qrs"), "mw_p": q["mann_whitney_p"], "good_at_0": q["zero_share_good"], "pointing": loc["pointing_game"],
         "energy": loc["energy_in_boxes"], "s_per_epoch": float(pd.read_csv(out / "log.csv")["time_s"].mean())}
     if deletion:
         stats = analyze(out / "extract", out=out / "analysis", n_resamples=0, sweep=False, faithfulness=True,

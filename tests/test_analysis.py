@@ -99,7 +99,14 @@ def test_analyze_writes_stats_plots_and_a_self_contained_report(prepared_small: 
         assert heading in html
     assert "resnet18 &middot; Grad-CAM++" in html and "0.5000" in html
     cal = read_checkpoint(model)["meta"]["calibration"]
-    assert saved["options"]["calibration"] == {k: cal[k] for k in ("anchor", "quantile", "split", "n_parts")}
+    assert saved["options"]["calibration"] == {k: cal[k] for k in ("anchor", "quantile", "split", "n_parts",
+                                                                    "p_defective_cut")}
+    ceiling = saved["modes"]["test"]["agreement"]["ceiling"]
+    assert ceiling["p_cut"] == cal["p_defective_cut"]
+    assert ceiling["passed_at_0"] == pytest.approx(
+        (rows[(rows.label == 0) & (rows.prediction == 0)]["p_defective"] < cal["p_defective_cut"]).mean())
+    assert (f"here p_defective &ge; {cal['p_defective_cut']:.3f}) would give QRS AUROC" in html
+            and f"(ceiling {ceiling['auroc_qrs']:.4f})" in result.headline())
     assert (f"(anchor good: 0.99 quantile of the map peaks of {cal['n_parts']} good {cal['split']} parts)") in html
     images = re.findall(r"src='data:image/png;base64,", html)
     n_top = min(8, len(rows)) + min(8, len(pd.read_csv(tmp_path / "x" / "gradcam_weights_train.csv")))
@@ -349,3 +356,22 @@ def test_agreement_counts_each_verdict_by_qrs_and_compares_aurocs() -> None:
     assert out["auroc_qrs"] == pytest.approx(pairs(qrs))
     one_class = agreement(np.ones(3), np.ones(3), np.ones(3), np.ones(3), np.ones(3))
     assert one_class["auroc_qrs"] is None and one_class["passed_at_0"] is None and one_class["caught_with_qrs"] == 1.0
+    assert out["ceiling"] is None
+
+
+def test_the_ceiling_scores_parts_as_the_classifier_ranks_them_from_the_cut_on() -> None:
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+    prediction = np.array([1, 1, 1, 0, 0, 0, 0, 1, 1])
+    p = np.array([0.9, 0.6, 0.95, 0.4, 0.1, 0.2, 0.3, 0.6, 0.7])
+    out = agreement(labels, prediction, p, np.zeros(9), np.ones(9), p_cut=0.65)
+    ceiling = out["ceiling"]
+    # caught parts at p 0.9, 0.6, 0.95: two reach the cut; passed goods at 0.1, 0.2, 0.3: all under it
+    assert ceiling["p_cut"] == 0.65
+    assert ceiling["caught_with_qrs"] == pytest.approx(2 / 3) and ceiling["passed_at_0"] == 1.0
+    # pairs by hand: the ceiling scores are 0.9, 0, 0.95, 0 against 0, 0, 0, 0, 0.7; ties count half
+    bad, good = [0.9, 0.0, 0.95, 0.0], [0.0, 0.0, 0.0, 0.0, 0.7]
+    by_hand = np.mean([(b > g) + 0.5 * (b == g) for b in bad for g in good])
+    assert ceiling["auroc_qrs"] == pytest.approx(by_hand)
+    # a cut at or below every score leaves the classifier's own AUROC
+    assert agreement(labels, prediction, p, np.zeros(9), np.ones(9), p_cut=0.0)["ceiling"]["auroc_qrs"] == \
+        pytest.approx(out["auroc_p_defective"])

@@ -83,6 +83,7 @@ def test_two_process_extraction_equals_one_process(ksdd2_raw: Path, prepared_sma
 
     ddp_cal = read_checkpoint(tmp_path / "ddp.pt")["meta"]["calibration"]
     assert ddp_cal["scale"] == pytest.approx(single_cal["scale"], rel=1e-6)
+    assert ddp_cal["p_defective_cut"] == pytest.approx(single_cal["p_defective_cut"], rel=1e-6)
     assert {k: ddp_cal[k] for k in ("anchor", "quantile", "split", "n_parts", "risk_cuts")} == \
         {k: single_cal[k] for k in ("anchor", "quantile", "split", "n_parts", "risk_cuts")}
     for mode in ("train", "test"):

@@ -129,7 +129,8 @@ def test_metadata_says_how_to_reproduce_a_row(case: Case) -> None:
     assert float(props["scale"]) == cal["scale"] and float(props["threshold"]) == cal["threshold"] == 0.9
     assert (props["method"], props["norm"], props["aggregation"]) == ("gradcam++", "dataset", "mass")
     assert props["calibrated"] == "true" and props["note"] == cal["risk_note"]
-    assert json.loads(props["calibration"]) == {k: cal[k] for k in ("anchor", "quantile", "split", "n_parts")}
+    assert json.loads(props["calibration"]) == {k: cal[k] for k in ("anchor", "quantile", "split", "n_parts",
+                                                                     "p_defective_cut")}
     assert json.loads(props["calibration"])["quantile"] == 0.5
     assert json.loads(props["risk_cuts"]) == cal["risk_cuts"]
     assert json.loads(props["qrs_meta"]) == meta

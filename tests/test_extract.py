@@ -59,6 +59,15 @@ def _peaks(model_path: Path, data: PreparedDataset, split: str, label: int) -> l
             for i in range(len(ds)) if ds[i]["label"] == label]
 
 
+def _p_defective(model_path: Path, data: PreparedDataset, split: str, label: int) -> list[float]:
+    """p_defective of one class of a split, image by image."""
+    model = load_checkpoint(model_path)
+    ds = data.split(split)
+    with torch.no_grad():
+        return [float(torch.softmax(model(normalize(ds[i]["image"][None], model.qrs_meta)), dim=1)[0, 1])
+                for i in range(len(ds)) if ds[i]["label"] == label]
+
+
 def test_calibrate_defective_anchor_stores_the_median_peak_of_defective_training_images(
         prepared_small: Path, checkpoint: Path) -> None:
     cal = calibrate(checkpoint, prepared_small, anchor="defective", progress=False, device="cpu")
@@ -67,6 +76,7 @@ def test_calibrate_defective_anchor_stores_the_median_peak_of_defective_training
     assert (cal["anchor"], cal["quantile"], cal["split"], cal["n_parts"]) == ("defective", 0.5, "train", len(peaks))
     assert read_checkpoint(checkpoint)["meta"]["calibration"] == cal
     assert cal["risk_cuts"] is None and "too few defective validation parts" in cal["risk_note"]
+    assert "p_defective_cut" not in cal
 
 
 def test_calibrate_good_anchor_on_good_validation_parts(ksdd2_raw: Path, checkpoint: Path, tmp_path: Path) -> None:
@@ -79,6 +89,9 @@ def test_calibrate_good_anchor_on_good_validation_parts(ksdd2_raw: Path, checkpo
     assert cal["scale"] == pytest.approx(float(np.quantile(peaks, 0.99)) / 0.9, rel=1e-5)
     assert (cal["anchor"], cal["quantile"], cal["split"], cal["n_parts"], cal["note"]) == \
         ("good", 0.99, "val", len(peaks), "")
+    p_good = _p_defective(checkpoint, data, "val", 0)
+    assert cal["p_defective_cut"] == pytest.approx(float(np.quantile(p_good, 0.99)), rel=1e-5)
+    assert calibration_source(cal)["p_defective_cut"] == cal["p_defective_cut"]
     cal = calibrate(checkpoint, data_root, quantile=0.5, options=ScoreOptions(threshold=0.8), progress=False,
                     device="cpu")
     assert cal["scale"] == pytest.approx(float(np.median(peaks)) / 0.8, rel=1e-5)

@@ -41,9 +41,13 @@ def test_repeat_runs_every_seed_tabulates_them_and_skips_finished_seeds(prepared
         good = extract.loc[extract["label"] == 0, "qrs"]
         defective = extract[extract["label"] == 1]
         caught = defective[defective["prediction"] == 1]
+        cut = read_checkpoint(run / "run" / "best_loss.pt")["meta"]["calibration"]["p_defective_cut"]
+        p = extract["p_defective"]
         per_seed[seed] = [metrics["best_loss.pt"]["f1"], metrics["best_acc.pt"]["f1"], metrics["best_loss.pt"]["ap"],
                           metrics["best_loss.pt"]["auroc"], roc_auc_score(extract["label"], extract["peak"]),
                           test["qrs"]["auroc"], (caught["qrs"] > 0).mean() if len(caught) else np.nan,
+                          roc_auc_score(extract["label"], p.where(p >= cut, 0.0)),
+                          (caught["p_defective"] >= cut).mean() if len(caught) else np.nan,
                           test["qrs"]["mann_whitney_p"],
                           (good == 0).mean(), defective["pointing_hit"].mean(), defective["energy_in_boxes"].mean(),
                           defective["iou"].mean(), np.nan, pd.read_csv(run / "run" / "log.csv")["time_s"].mean()]

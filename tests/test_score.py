@@ -11,6 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from qrs.score import (
     calibration_scale,
+    classifier_cut,
     normalize_maps,
     qrs_details,
     quality_risk_score,
@@ -188,6 +189,17 @@ def test_calibration_scale_good_anchor_is_the_peak_quantile_over_tau() -> None:
     s = calibration_scale(sample, quantile=0.9, threshold=0.7)
     assert float(normalize_maps(torch.full((1, 2, 2), float(np.quantile(sample, 0.9))), scale=s)[0, 0, 0]) == \
         pytest.approx(0.7)
+
+
+def test_classifier_cut_is_the_quantile_of_the_good_parts_p_defective() -> None:
+    p = np.arange(101, dtype=np.float64) / 100  # quantile q of 0..1 in steps of 0.01 is q exactly
+    assert classifier_cut(p, 0.99) == pytest.approx(0.99) and classifier_cut(p, 0.5) == pytest.approx(0.5)
+    sample = np.random.default_rng(1).beta(1.0, 6.0, size=43)
+    assert classifier_cut(torch.tensor(sample), 0.95) == pytest.approx(float(np.quantile(sample, 0.95)))
+    with pytest.raises(ValueError, match="at least one good part"):
+        classifier_cut([], 0.99)
+    with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
+        classifier_cut(p, 0.0)
 
 
 def test_calibration_scale_errors() -> None:

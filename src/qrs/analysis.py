@@ -110,27 +110,43 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else None
 
 
+def _verdict_table(labels: np.ndarray, prediction: np.ndarray, above: np.ndarray) -> dict[str, dict[str, int]]:
+    return {name: {"qrs_0": int(((labels == lab) & (prediction == pred) & ~above).sum()),
+                   "qrs_above_0": int(((labels == lab) & (prediction == pred) & above).sum())}
+            for name, lab, pred in AGREEMENT_ROWS}
+
+
+def _share(row: dict[str, int], key: str) -> float | None:
+    n = row["qrs_0"] + row["qrs_above_0"]
+    return row[key] / n if n else None
+
+
 def agreement(labels: np.ndarray, prediction: np.ndarray, p_defective: np.ndarray, qrs: np.ndarray,
-              peak: np.ndarray) -> dict[str, Any]:
+              peak: np.ndarray, p_cut: float | None = None) -> dict[str, Any]:
     """Does QRS say what the classifier says? Caught / missed defective and passed / flagged good
     parts, each split by QRS = 0 and QRS > 0; the share of caught defective parts with QRS > 0 and of
     passed good parts at 0; AUROC of p_defective, of the raw map's peak and of QRS side by side (the
-    peak bounds what a calibrated threshold on the map can separate)."""
+    peak bounds what a calibrated threshold on the map can separate).
+
+    ``p_cut`` (the good-anchored calibration's :func:`qrs.score.classifier_cut`) adds the ceiling: the
+    same figures for a map that ranks parts exactly as the classifier does, i.e. with QRS > 0 where
+    p_defective >= p_cut and parts ordered by p_defective above it. The map accounts for the distance
+    from the figures to the ceiling, the rule and its anchor parts for the distance from the ceiling to
+    the classifier."""
     labels, prediction = np.asarray(labels).astype(int), np.asarray(prediction).astype(int)
-    above = np.asarray(qrs, dtype=np.float64) > 0
-    table = {name: {"qrs_0": int(((labels == lab) & (prediction == pred) & ~above).sum()),
-                    "qrs_above_0": int(((labels == lab) & (prediction == pred) & above).sum())}
-             for name, lab, pred in AGREEMENT_ROWS}
-
-    def share(row: dict[str, int], key: str) -> float | None:
-        n = row["qrs_0"] + row["qrs_above_0"]
-        return row[key] / n if n else None
-
-    return {"table": table, "caught_with_qrs": share(table["caught"], "qrs_above_0"),
-            "passed_at_0": share(table["passed"], "qrs_0"),
-            "auroc_p_defective": _auroc(labels, np.asarray(p_defective, dtype=np.float64)),
+    p = np.asarray(p_defective, dtype=np.float64)
+    table = _verdict_table(labels, prediction, np.asarray(qrs, dtype=np.float64) > 0)
+    ceiling = None
+    if p_cut is not None:
+        ceiling_table = _verdict_table(labels, prediction, p >= p_cut)
+        ceiling = {"p_cut": float(p_cut), "caught_with_qrs": _share(ceiling_table["caught"], "qrs_above_0"),
+                   "passed_at_0": _share(ceiling_table["passed"], "qrs_0"),
+                   "auroc_qrs": _auroc(labels, np.where(p >= p_cut, p, 0.0))}
+    return {"table": table, "caught_with_qrs": _share(table["caught"], "qrs_above_0"),
+            "passed_at_0": _share(table["passed"], "qrs_0"),
+            "auroc_p_defective": _auroc(labels, p),
             "auroc_peak": _auroc(labels, np.asarray(peak, dtype=np.float64)),
-            "auroc_qrs": _auroc(labels, np.asarray(qrs, dtype=np.float64))}
+            "auroc_qrs": _auroc(labels, np.asarray(qrs, dtype=np.float64)), "ceiling": ceiling}
 
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

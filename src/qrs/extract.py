@@ -36,8 +36,8 @@ from qrs.errors import QrsError
 from qrs.images import Size, as_size, size_text
 from qrs.memory import check_fits, scoring_need
 from qrs.model import check_data_size, load_checkpoint, model_output_stride, normalize, update_checkpoint_meta
-from qrs.score import (AGGREGATIONS, DEFAULT_QUANTILE, NORMS, calibration_scale, normalize_maps, qrs_details,
-                       risk_cuts)
+from qrs.score import (AGGREGATIONS, DEFAULT_QUANTILE, NORMS, calibration_scale, classifier_cut, normalize_maps,
+                       qrs_details, risk_cuts)
 
 ROW_COLUMNS = ("id", "label", "defect_type", "p_defective", "prediction", "qrs", "area", "n_over", "mean_over",
                "max_over", "peak", "pointing_hit", "energy_in_boxes", "iou")
@@ -142,14 +142,16 @@ def _check_scoring(model: nn.Module, data: PreparedDataset, img_size: Sequence[i
 
 @torch.no_grad()
 def _peaks(model: nn.Module, dataset: Dataset, ctx: DistContext, options: ScoreOptions, batch_size: int,
-           num_workers: int, progress: bool) -> Tensor:
-    parts: dict[str, list[Tensor]] = {"index": [], "peak": []}
+           num_workers: int, progress: bool) -> dict[str, Tensor]:
+    """The raw-map peak and p_defective of every part of ``dataset``, in dataset order."""
+    parts: dict[str, list[Tensor]] = {"index": [], "peak": [], "p_defective": []}
     for batch in tqdm(_loader(dataset, ctx, batch_size, num_workers), desc="calibrate", unit="batch",
                       disable=not (progress and ctx.is_main)):
         cams = model_cams(model, batch["image"], options)
         parts["index"].append(batch["index"])
         parts["peak"].append(cams.maps.amax(dim=(1, 2)).cpu())
-    return _gather_rows(parts, ctx)["peak"]
+        parts["p_defective"].append(torch.softmax(cams.logits.float(), dim=1)[:, 1].cpu())
+    return _gather_rows(parts, ctx)
 
 
 MIN_GOOD_VALIDATION = 20
@@ -163,7 +165,10 @@ def calibration_source(calibration: dict[str, Any]) -> dict[str, Any]:
     ``n_defective_train``: they are read as the rule of that version, ``defective`` at q = 0.5.
     """
     if "anchor" in calibration:
-        return {k: calibration[k] for k in ("anchor", "quantile", "split", "n_parts")}
+        source = {k: calibration[k] for k in ("anchor", "quantile", "split", "n_parts")}
+        if "p_defective_cut" in calibration:
+            source["p_defective_cut"] = calibration["p_defective_cut"]
+        return source
     return {"anchor": "defective", "quantile": float(calibration.get("scale_quantile", 0.5)), "split": "train",
             "n_parts": calibration.get("n_defective_train")}
 
@@ -227,15 +232,17 @@ def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[
     _build_caches(data, ["train", "val"] if has_val else ["train"], ctx, progress)
     if note and ctx.is_main:
         print(f"note: {note}")
-    peaks = _peaks(model, Subset(data.split(split), indices), ctx, options, batch_size, num_workers, progress)
+    anchors = _peaks(model, Subset(data.split(split), indices), ctx, options, batch_size, num_workers, progress)
     try:
-        scale = calibration_scale(peaks, anchor=anchor, quantile=quantile, threshold=options.threshold)
+        scale = calibration_scale(anchors["peak"], anchor=anchor, quantile=quantile, threshold=options.threshold)
     except ValueError as exc:
         raise QrsError(f"cannot calibrate {model_path} on the {split} split of {data.root}: {exc}") from exc
     calibration: dict[str, Any] = {"scale": scale, "anchor": anchor, "quantile": quantile, "split": split,
                                    "n_parts": len(indices), "note": note, "method": options.method,
                                    "threshold": options.threshold, "norm": options.norm,
                                    "aggregation": options.aggregation, "risk_cuts": None, "risk_note": ""}
+    if anchor == "good":
+        calibration["p_defective_cut"] = classifier_cut(anchors["p_defective"], quantile)
     if has_val:
         rows = _score_split(model, data.split("val"), ctx, scale, options, batch_size, num_workers, progress,
                             desc="risk cuts")

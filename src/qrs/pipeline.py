@@ -112,6 +112,8 @@ REPEAT_COLUMNS = {
     "peak_auroc": "AUROC of the map peak (test)",
     "qrs_auroc": "QRS AUROC (test)",
     "caught_with_qrs": "caught defective parts with QRS > 0 (test)",
+    "ceiling_qrs_auroc": "QRS AUROC at the ceiling: a map ranking parts as the classifier does (test)",
+    "ceiling_caught_with_qrs": "caught defective parts with QRS > 0 at the ceiling (test)",
     "mann_whitney_p": "Mann-Whitney p (test)",
     "good_at_0": "good parts at QRS 0 (test)",
     "pointing_game": "pointing game (test)",
@@ -130,11 +132,13 @@ def seed_row(out: str | os.PathLike[str]) -> dict[str, float | None]:
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     test = json.loads((out / "report" / "stats.json").read_text())["modes"]["test"]
     deletion = (test.get("faithfulness") or {}).get("defective") or {}
+    ceiling = test["agreement"].get("ceiling") or {}
     return {"f1_best_loss": metrics["best_loss.pt"]["f1"], "f1_best_acc": metrics["best_acc.pt"]["f1"],
             "ap_best_loss": metrics["best_loss.pt"]["ap"], "auroc_best_loss": metrics["best_loss.pt"]["auroc"],
             "peak_auroc": test["agreement"]["auroc_peak"], "qrs_auroc": test["qrs"]["auroc"],
-            "caught_with_qrs": test["agreement"]["caught_with_qrs"], "mann_whitney_p": test["qrs"]["mann_whitney_p"],
-            "good_at_0": test["qrs"]["zero_share_good"], "pointing_game": test["localisation"]["pointing_game"],
+            "caught_with_qrs": test["agreement"]["caught_with_qrs"],
+            "ceiling_qrs_auroc": ceiling.get("auroc_qrs"), "ceiling_caught_with_qrs": ceiling.get("caught_with_qrs"),
+            "mann_whitney_p": test["qrs"]["mann_whitney_p"], "good_at_0": test["qrs"]["zero_share_good"], "pointing_game": test["localisation"]["pointing_game"],
             "energy_in_boxes": test["localisation"]["energy_in_boxes"], "iou": test["localisation"]["iou"],
             "deletion_area": deletion.get("area_between"),
             "s_per_epoch": float(pd.read_csv(out / "run" / "log.csv")["time_s"].mean())}

@@ -81,6 +81,13 @@ class AnalyzeResult:
             lines.append(f"{mode}: QRS Mann-Whitney p = {_fmt_p(q['mann_whitney_p'])}, Welch p = {_fmt_p(q['welch_p'])}, "
                          f"KS p = {_fmt_p(q['ks_p'])}, QRS AUROC = {with_interval(q['auroc'], st['qrs_ci']['auroc'])}, "
                          f"pointing game = {_fmt(st['localisation']['pointing_game'])}")
+            ag = st["agreement"]
+            ceiling = ag.get("ceiling") or {}
+            lines.append(f"{mode}: agreement: caught defective parts with QRS > 0 {_fmt(ag['caught_with_qrs'])}"
+                         + (f" (ceiling {_fmt(ceiling['caught_with_qrs'])})" if ceiling else "")
+                         + f"; AUROC of p_defective {_fmt(ag['auroc_p_defective'])}, of the map peak "
+                         f"{_fmt(ag['auroc_peak'])}, of QRS {_fmt(ag['auroc_qrs'])}"
+                         + (f" (ceiling {_fmt(ceiling['auroc_qrs'])})" if ceiling else ""))
             if "faithfulness" in st:
                 lines.append(f"{mode}: deletion test: {st['faithfulness']['defective']['verdict']}")
         lines.append(f"report: {self.report}")
@@ -233,7 +240,8 @@ def analyze(extract_dir: str | os.PathLike[str], *, metrics: str | os.PathLike[s
         rows = mo.rows
         entry = {"qrs": qrs_statistics(qrs, labels), "qrs_ci": qrs_intervals(labels, qrs, bootstrap),
                  "agreement": agreement(labels, rows["prediction"].to_numpy(), rows["p_defective"].to_numpy(), qrs,
-                                        rows["peak"].to_numpy()),
+                                        rows["peak"].to_numpy(),
+                                        (mo.options.get("calibration") or {}).get("p_defective_cut")),
                  "localisation": localisation_summary(rows), "per_defect_type": per_defect_type(rows),
                  "n_images": int(len(rows)),
                  "risk_levels": risk_level_counts(qrs, labels, mo.options.get("risk_cuts"))}
@@ -438,6 +446,22 @@ def _how_sure(stats: dict[str, Any], metrics: dict[str, Any] | None, plots: list
     return "".join(parts)
 
 
+def _ceiling_text(ceiling: dict[str, Any] | None, calibration: dict[str, Any] | None) -> str:
+    """The agreement's ceiling in words: what the same rule gives where the map ranks parts as the
+    classifier does, and which side of the gap that puts the blame on."""
+    if not ceiling:
+        return ""
+    calibration = calibration or {}
+    where = "validation" if calibration.get("split") == "val" else "training"
+    return (f"<p>Ceiling: if the map ranked the parts exactly as the classifier does, the same rule (above 0 "
+            f"from the {calibration.get('quantile', 0.99):g} quantile of the good {where} parts on, here "
+            f"p_defective &ge; {ceiling['p_cut']:.3f}) would give QRS AUROC {_fmt(ceiling['auroc_qrs'])}, caught "
+            f"defective parts with QRS &gt; 0 {_fmt(ceiling['caught_with_qrs'])} and passed good parts at QRS 0 "
+            f"{_fmt(ceiling['passed_at_0'])}. The distance from the figures above to these is the map's; the "
+            "distance from these to the classifier's is the rule's: caught parts that the classifier scores "
+            "no higher than some good anchor parts stay at QRS 0 on any map.</p>")
+
+
 def _agreement_section(stats: dict[str, Any], plots: list[Path]) -> str:
     """Does QRS say what the classifier says: the parts per verdict split by QRS = 0 / > 0, the AUROCs of
     p_defective, the map peak and QRS, and the scatter of p_defective against QRS."""
@@ -458,6 +482,7 @@ def _agreement_section(stats: dict[str, Any], plots: list[Path]) -> str:
                      f" ({_fmt(ag['caught_with_qrs'])}); passed good parts at QRS 0: {table['passed']['qrs_0']} of "
                      f"{passed} ({_fmt(ag['passed_at_0'])}). AUROC of p_defective {_fmt(ag['auroc_p_defective'])}, "
                      f"of the map peak {_fmt(ag['auroc_peak'])}, of QRS {_fmt(ag['auroc_qrs'])}.</p>"
+                     + _ceiling_text(ag.get("ceiling"), stats["options"].get("calibration"))
                      + _images(plots, f"agreement_{mode}"))
     return "".join(parts)
 

@@ -199,6 +199,19 @@ def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", 
     return peak_q / threshold if anchor == "good" else peak_q
 
 
+def classifier_cut(p_defective: Tensor | Sequence[float], quantile: float) -> float:
+    """The classifier's counterpart of the good anchor's P_q: the ``quantile`` of p_defective over the
+    same good parts (linear interpolation). A part at or above it is one the good-anchored rule would
+    lift above QRS 0 if the map ranked parts exactly as the classifier does: the agreement's ceiling
+    (docs/method.md#agreement-with-the-classifier)."""
+    values = torch.as_tensor(p_defective, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        raise ValueError("the classifier's cut needs p_defective of at least one good part")
+    if not 0 < quantile <= 1:
+        raise ValueError(f"the calibration quantile must be in (0, 1], got {quantile:g}")
+    return float(torch.quantile(values, quantile))
+
+
 MIN_DEFECTIVE_FOR_CUTS = 5
 LOW_CUT_RECALL_PCT = 99
 """Share of defective parts (percent) the low cut must keep at or above it."""
