@@ -459,7 +459,7 @@ def _ceiling_text(ceiling: dict[str, Any] | None, calibration: dict[str, Any] | 
             f"defective parts with QRS &gt; 0 {_fmt(ceiling['caught_with_qrs'])} and passed good parts at QRS 0 "
             f"{_fmt(ceiling['passed_at_0'])}. The distance from the figures above to these is the map's; the "
             "distance from these to the classifier's is the rule's: caught parts that the classifier scores "
-            "no higher than some good anchor parts stay at QRS 0 on any map.</p>")
+            "no higher than 1% of the good anchor parts stay at QRS 0 on a map that agrees with it.</p>")
 
 
 def _agreement_section(stats: dict[str, Any], plots: list[Path]) -> str:
