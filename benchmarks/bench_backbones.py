@@ -98,7 +98,8 @@ def run_config(cfg: TrainConfig, *, deletion: bool = False) -> dict[str, float |
     result: dict[str, float | None] = {
         "f1": metrics["f1"], "ap": metrics["ap"], "auroc": metrics["auroc"], "peak_auroc": agree["auroc_peak"],
         "qrs_auroc": q["auroc"], "caught_with_qrs": agree["caught_with_qrs"],
-        "ceiling_qrs_auroc": (agree["ceiling"] or {}).get("auroc_qrs"), "mw_p": q["mann_whitney_p"], "good_at_0": q["zero_share_good"], "pointing": loc["pointing_game"],
+        "ceiling_qrs_auroc": (agree["ceiling"] or {}).get("auroc_qrs"), "mw_p": q["mann_whitney_p"],
+        "good_at_0": q["zero_share_good"], "pointing": loc["pointing_game"],
         "energy": loc["energy_in_boxes"], "s_per_epoch": float(pd.read_csv(out / "log.csv")["time_s"].mean())}
     if deletion:
         stats = analyze(out / "extract", out=out / "analysis", n_resamples=0, sweep=False, faithfulness=True,

@@ -138,7 +138,8 @@ def seed_row(out: str | os.PathLike[str]) -> dict[str, float | None]:
             "peak_auroc": test["agreement"]["auroc_peak"], "qrs_auroc": test["qrs"]["auroc"],
             "caught_with_qrs": test["agreement"]["caught_with_qrs"],
             "ceiling_qrs_auroc": ceiling.get("auroc_qrs"), "ceiling_caught_with_qrs": ceiling.get("caught_with_qrs"),
-            "mann_whitney_p": test["qrs"]["mann_whitney_p"], "good_at_0": test["qrs"]["zero_share_good"], "pointing_game": test["localisation"]["pointing_game"],
+            "mann_whitney_p": test["qrs"]["mann_whitney_p"], "good_at_0": test["qrs"]["zero_share_good"],
+            "pointing_game": test["localisation"]["pointing_game"],
             "energy_in_boxes": test["localisation"]["energy_in_boxes"], "iou": test["localisation"]["iou"],
             "deletion_area": deletion.get("area_between"),
             "s_per_epoch": float(pd.read_csv(out / "run" / "log.csv")["time_s"].mean())}
