@@ -41,8 +41,8 @@ from qrs.train import TrainConfig
 COLUMNS = {"f1_best_loss": "F1", "ap_best_loss": "AP", "auroc_best_loss": "AUROC", "peak_auroc": "peak AUROC",
            "qrs_auroc": "QRS AUROC", "caught_with_qrs": "caught, QRS > 0", "ceiling_qrs_auroc": "ceiling QRS AUROC",
            "ceiling_caught_with_qrs": "ceiling caught", "mann_whitney_p": "MW p", "good_at_0": "good at 0",
-           "pointing_game": "pointing",
-           "energy_in_boxes": "energy", "iou": "IoU", "deletion_area": "deletion", "s_per_epoch": "s/epoch"}
+           "pointing_game": "pointing", "energy_in_boxes": "energy", "iou": "IoU", "deletion_area": "deletion",
+           "s_per_epoch": "s/epoch"}
 """The repeat columns of the printed table and their short headers."""
 VARIANT_COLUMNS = {k: v for k, v in COLUMNS.items() if k in ("peak_auroc", "qrs_auroc", "caught_with_qrs",
                                                              "ceiling_qrs_auroc", "ceiling_caught_with_qrs",
