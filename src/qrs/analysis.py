@@ -138,10 +138,11 @@ def agreement(labels: np.ndarray, prediction: np.ndarray, p_defective: np.ndarra
     table = _verdict_table(labels, prediction, np.asarray(qrs, dtype=np.float64) > 0)
     ceiling = None
     if p_cut is not None:
-        ceiling_table = _verdict_table(labels, prediction, p >= p_cut)
+        lifted = p >= p_cut
+        ceiling_table = _verdict_table(labels, prediction, lifted)
         ceiling = {"p_cut": float(p_cut), "caught_with_qrs": _share(ceiling_table["caught"], "qrs_above_0"),
                    "passed_at_0": _share(ceiling_table["passed"], "qrs_0"),
-                   "auroc_qrs": _auroc(labels, np.where(p >= p_cut, p, 0.0))}
+                   "auroc_qrs": _auroc(labels, np.where(lifted, p, 0.0))}
     return {"table": table, "caught_with_qrs": _share(table["caught"], "qrs_above_0"),
             "passed_at_0": _share(table["passed"], "qrs_0"),
             "auroc_p_defective": _auroc(labels, p),

@@ -141,7 +141,7 @@ def _check_scoring(model: nn.Module, data: PreparedDataset, img_size: Sequence[i
 
 
 @torch.no_grad()
-def _peaks(model: nn.Module, dataset: Dataset, ctx: DistContext, options: ScoreOptions, batch_size: int,
+def _peaks_and_p(model: nn.Module, dataset: Dataset, ctx: DistContext, options: ScoreOptions, batch_size: int,
            num_workers: int, progress: bool) -> dict[str, Tensor]:
     """The raw-map peak and p_defective of every part of ``dataset``, in dataset order."""
     parts: dict[str, list[Tensor]] = {"index": [], "peak": [], "p_defective": []}
@@ -232,7 +232,7 @@ def _calibrate(model_path: str | os.PathLike[str], data_root: str | os.PathLike[
     _build_caches(data, ["train", "val"] if has_val else ["train"], ctx, progress)
     if note and ctx.is_main:
         print(f"note: {note}")
-    anchors = _peaks(model, Subset(data.split(split), indices), ctx, options, batch_size, num_workers, progress)
+    anchors = _peaks_and_p(model, Subset(data.split(split), indices), ctx, options, batch_size, num_workers, progress)
     try:
         scale = calibration_scale(anchors["peak"], anchor=anchor, quantile=quantile, threshold=options.threshold)
     except ValueError as exc:

@@ -448,13 +448,13 @@ def _how_sure(stats: dict[str, Any], metrics: dict[str, Any] | None, plots: list
 
 def _ceiling_text(ceiling: dict[str, Any] | None, calibration: dict[str, Any] | None) -> str:
     """The agreement's ceiling in words: what the same rule gives where the map ranks parts as the
-    classifier does, and which side of the gap that puts the blame on."""
-    if not ceiling:
+    classifier does, and which side of the gap that puts the blame on. A ceiling comes only from a
+    good-anchored calibration, so ``calibration`` is there whenever ``ceiling`` is."""
+    if not ceiling or not calibration:
         return ""
-    calibration = calibration or {}
-    where = "validation" if calibration.get("split") == "val" else "training"
+    where = "validation" if calibration["split"] == "val" else "training"
     return (f"<p>Ceiling: if the map ranked the parts exactly as the classifier does, the same rule (above 0 "
-            f"from the {calibration.get('quantile', 0.99):g} quantile of the good {where} parts on, here "
+            f"from the {calibration['quantile']:g} quantile of the good {where} parts on, here "
             f"p_defective &ge; {ceiling['p_cut']:.3f}) would give QRS AUROC {_fmt(ceiling['auroc_qrs'])}, caught "
             f"defective parts with QRS &gt; 0 {_fmt(ceiling['caught_with_qrs'])} and passed good parts at QRS 0 "
             f"{_fmt(ceiling['passed_at_0'])}. The distance from the figures above to these is the map's; the "

@@ -55,6 +55,11 @@ def _check_threshold(threshold: float) -> None:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
 
 
+def _check_quantile(quantile: float) -> None:
+    if not 0 < quantile <= 1:
+        raise ValueError(f"the calibration quantile must be in (0, 1], got {quantile:g}")
+
+
 def _normalized_region(maps: Tensor, roi: Tensor | None, scale: float | None, norm: str) -> tuple[Tensor, Tensor, Tensor]:
     """(M, R, |R| as float): the shared core of every QRS output."""
     m = normalize_maps(maps, norm=norm, scale=scale)
@@ -179,8 +184,7 @@ def calibration_scale(peaks: Tensor | Sequence[float], *, anchor: str = "good", 
     if anchor not in DEFAULT_QUANTILE:
         raise ValueError(f"unknown calibration anchor {anchor!r}; valid: {', '.join(DEFAULT_QUANTILE)}")
     q = DEFAULT_QUANTILE[anchor] if quantile is None else float(quantile)
-    if not 0 < q <= 1:
-        raise ValueError(f"the calibration quantile must be in (0, 1], got {q:g}")
+    _check_quantile(q)
     _check_threshold(threshold)
     values = torch.as_tensor(peaks, dtype=torch.float64).flatten()
     if values.numel() == 0:
@@ -207,8 +211,7 @@ def classifier_cut(p_defective: Tensor | Sequence[float], quantile: float) -> fl
     values = torch.as_tensor(p_defective, dtype=torch.float64).flatten()
     if values.numel() == 0:
         raise ValueError("the classifier's cut needs p_defective of at least one good part")
-    if not 0 < quantile <= 1:
-        raise ValueError(f"the calibration quantile must be in (0, 1], got {quantile:g}")
+    _check_quantile(quantile)
     return float(torch.quantile(values, quantile))
 
 
